@@ -1,0 +1,655 @@
+"""One Hugging Face causal LM as student and teacher: loading, batched multi-turn generation with a KV cache kept
+across turns, and chunked log-prob scoring.
+
+Skill-SD (arXiv 2604.10674) samples G multi-turn episodes per task with the student under the plain prompt (method.md
+§2 step 2) and re-scores the student's exact tokens with the same weights under a skill-augmented prompt (step 5,
+Eq. 10). This file provides both halves: `rollout` (the sampler, which records the training ledger) and `score` /
+`score_under_prompt` (the uncached full forward used for log pi_old, log pi_theta and the teacher). The recipe is
+notes/generation.md §1-§5; the rules it follows are notes/method.md §11.
+
+Choices (each names its source):
+ 1. The KV cache lives across the turns of an episode. Each observation is rendered on its own exactly as the chat
+    template would render it and appended; the chat is never re-rendered (Qwen3 templates drop old <think> blocks:
+    verl #6854, tinker-cookbook PR #142). Hand-written loop, no `model.generate` (phases as in gpt-fast).
+ 2. Positions are logical: position_ids = cumsum(mask) - 1 over the full (B, S) mask, which is always passed; so left
+    pads and holes left by finished rows never shift RoPE (generation.md §2).
+ 3. The cache keyword is detected once from `inspect.signature(model.forward)` (`cache` on 5.24+, `past_key_values`
+    before), and the cache must grow by exactly n after every call: a wrong keyword is silently swallowed by
+    **kwargs on <= 5.21 (generation.md §4).
+ 4. GRPO groups: distinct prompts are prefilled once, then `batch_repeat_interleave(G)`; the G first tokens are
+    sampled independently (nanochat's guarded bug). Finished episodes leave the batch (`batch_select_indices`).
+ 5. Ledger = training data (nanochat token masks): sampled tokens trainable incl. the sampled end-of-turn token;
+    prompt, template, observation tokens and a forced end-of-turn token (cap hit) are not. Masks come from lengths and
+    the ledger, never from comparing ids to pad/eos (tiny-grpo bug, TRL #6357). Log-probs are the untempered
+    log pi at sampling time (diagnostics; training recomputes log pi_old with `score`, method.md §11.7).
+ 6. A context cap (`max_context` logical tokens) aborts an episode before a turn that could overflow it. When holes
+    make the physical cache more than REBUILD_FACTOR x the longest row, the rows are re-prefilled from their compact
+    ledgers; `reprefill=True` does that every turn (nanochat's simple fallback; also the benchmark baseline).
+    Configs with sliding-window layers always re-prefill (holes would eat window slots).
+ 7. `score` is one uncached forward; the LM head and log-softmax run in sequence chunks (gathered logit minus
+    logsumexp) so the (B, T, V) tensor is never built; under grad each chunk is checkpointed. Student and teacher use
+    this same path, so an identical prompt gives identical log-probs.
+ 8. The built-in "tiny" model: a random Qwen3 config plus a byte-level BPE tokenizer trained in-process on a small
+    corpus, with a ChatML template, so tests run with no network through the same chat code as real models.
+ 9. `attn_implementation="sdpa"` everywhere (eager also verified by the notes; flash-attention with holes is not).
+
+Shape letters: B rows, G group, T tokens, S physical cache slots, V vocabulary, D hidden.
+Run: `python model.py` (self-check: cached log-probs vs one full forward), `python model.py --bench` (benchmark),
+`python -m pytest -q tests/test_model.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+REBUILD_FACTOR = 2.0        # re-prefill when the cache is this many times longer than the longest compact row
+LOGIT_CHUNK_ELEMS = 1 << 24  # score(): at most this many (row, token, vocab) logits alive per chunk (64 MB fp32)
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message says what was tried and how to fix it."""
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0   # 0 = greedy
+    top_p: float = 1.0         # nucleus mass kept (1.0 = off)
+    top_k: int = 0             # keep the k most likely tokens (0 = off)
+    max_new_tokens: int = 256  # cap per turn; hitting it closes the turn with a forced, non-trainable end-of-turn
+
+
+@dataclass
+class Ledger:
+    ids: list[int]            # every token in order: prompt, replies, observation segments
+    trainable: list[int]      # 1 = sampled by the policy (incl. the sampled end-of-turn token), else 0
+    logprobs: list[float]     # untempered log pi(token) at sampling time on trainable tokens, 0.0 elsewhere
+    prompt_len: int           # ids of the first templated prompt (system + first user + generation prompt)
+    replies: list[str] = field(default_factory=list)  # decoded reply text per turn (without the end-of-turn token)
+    truncated: bool = False   # context cap hit
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# loading: real checkpoints and the built-in tiny model
+
+_TINY_CORPUS = [
+    "# # # # # #", "# _ _ O _ #", "# _ X √ P #", "# S _ _ _ #", "#_O√XPS_#", "__OO√√XXPP##SS",
+    "Up Down Left Right up down left right Up, Down, Left, Right. push move no-op",
+    "<think>The box is left of the target, so I push it right.</think><action>Right</action>",
+    "<think>I should move up first, then push the box down.</think> <action>Up</action> <action>Down</action>",
+    "You are a helpful assistant. You are solving the Sokoban puzzle. Push all boxes (X) onto the targets (O).",
+    "The player (P) can move Up, Down, Left or Right. Walls (#) block movement. A box on a target is shown as √.",
+    "Your answer must be in the format <think>...</think><action>...</action>. Invalid action, try again.",
+    "Observation: the current state of the room is shown below. Turn 1 of 40. Reward: -0.1. Done: False.",
+    "the a an of to in is it that for on with as at by from this be are was were not or and if then else",
+    "task user assistant system answer question step turn room box target wall player state action reply",
+    "I will first check the file system, then log in, then send the requests. Success analysis, mistake analysis.",
+    '{"success_analysis": "", "mistake_analysis": "", "golden_workflow": "1. ... 2. ..."}, [1, 2, 3], null, true',
+    "def main():\n    return None\nfor i in range(10):\n    print(i)\nimport json\nx = apis.venmo.login(user=u)",
+    "if x is None:\n    raise ValueError('bad')\nelse:\n    y = {'key': [1, 2.5, -3]}\nwhile True: break",
+    "apis.supervisor.complete_task(answer=None) apis.api_docs.show_api_doc(app_name='spotify', api_name='login')",
+    "0123456789 +-*/=<>!?()[]{}:;,.'\"`~@$%^&|\\ \t\n\n  ",
+    "Please read the instructions carefully and think step by step before you choose the next action to take.",
+    "The goal is to place every box on a target without pushing any box into a corner where it can never move.",
+    "Here is the current observation of the environment. What is your next move? Explain your reasoning briefly.",
+    "Previous attempts at this task failed because the agent did not verify its assumptions or read the docs.",
+    "You have access to the following apps: spotify, venmo, gmail, phone, file_system, simple_note, todoist.",
+    "Call the API with the correct parameters, check the response, handle errors, and then complete the task.",
+    "access_token = apis.spotify.login(username=email, password=password)['access_token']",
+    "songs = apis.spotify.show_song_library(access_token=access_token, page_index=page_index)",
+    "print(json.dumps(result, indent=2)); len(items) == 0; return sorted(names, key=lambda n: n.lower())",
+    "class Episode:\n    def __init__(self, seed: int) -> None:\n        self.done = False\n        self.steps = 0",
+    "try:\n    value = int(text)\nexcept ValueError as error:\n    value = None\nfinally:\n    pass",
+    "with open(path) as f:\n    lines = [line.strip() for line in f if line]\nassert isinstance(lines, list)",
+    "The number of boxes on targets increased. The player moved but no box moved. The level is solved.",
+    "first second third fourth next last before after because since while until unless whether either",
+    "should would could might must can will may need want have has had do does did make made take took",
+    "success failure error warning invalid valid format reward penalty score completion accuracy result",
+    "Monday Tuesday Wednesday Thursday Friday Saturday Sunday January February March April May June July",
+    "one two three four five six seven eight nine ten hundred thousand zero half quarter percent total",
+]
+
+
+def build_tiny_tokenizer(corpus: list[str] | None = None):
+    """Byte-level BPE trained in-process (deterministic, no network): any string round-trips, vocab ~1-2k."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=2048, min_frequency=1, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(corpus or _TINY_CORPUS * 4, trainer)
+    template = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content']"
+                " + '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}"
+                "{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>"], chat_template=template,
+                                   padding_side="left", clean_up_tokenization_spaces=False)
+
+
+def build_tiny_model(tokenizer, seed: int = 0, **config_overrides):
+    """A small random-init Qwen3 (hidden 128, 2 layers, 4 heads, 2 KV heads, tied embeddings) for that tokenizer."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=32768,
+               tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa")
+    cfg.update(config_overrides)
+    with torch.random.fork_rng(devices=[]):   # seeded init without touching the caller's global RNG
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(Qwen3Config(**cfg))
+    return model.eval()
+
+
+def _auto_device_dtype(device, dtype):
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(device)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return device, dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+
+
+def load(name_or_path: str, device=None, dtype=None):
+    """(model, tokenizer) for a hub id, a local directory, or "tiny". Device: cuda (bf16) > mps (bf16) > cpu (fp32)."""
+    device, dtype = _auto_device_dtype(device, dtype)
+    if name_or_path == "tiny":
+        tokenizer = build_tiny_tokenizer()
+        return build_tiny_model(tokenizer).to(device=device, dtype=dtype), tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
+    except Exception as err:  # noqa: BLE001 - every loader failure becomes one short, actionable message
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        looks_local = os.path.isabs(name_or_path) or name_or_path.startswith(".") or os.path.isdir(name_or_path)
+        where = ("the local directory" + ("" if os.path.isdir(name_or_path) else " (it does not exist)")
+                 if looks_local else "the Hugging Face hub and the local HF cache")
+        raise ModelLoadError(
+            f"could not load {name_or_path!r} ({type(err).__name__}: {first})\n"
+            f"  tried: {where}, with AutoTokenizer and AutoModelForCausalLM\n"
+            f"  fix: pre-download it on a machine with internet (`huggingface-cli download {name_or_path}`, then "
+            f"copy the HF cache or set HF_HOME; HF_HUB_OFFLINE=1 skips network retries), pass a local directory "
+            f"holding config.json, the weights and the tokenizer files, or use \"tiny\" (built in, no network)"
+        ) from None
+    if not tokenizer.chat_template:
+        raise ModelLoadError(f"{name_or_path!r} has no chat template; use an instruct/chat checkpoint")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# chat tokenization: the first prompt, and one observation segment at a time
+
+_REPLY = "SKILLSDREPLYSENTINEL"   # stands in for a reply so the text the template puts after it can be read off
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Ids of the chat-templated messages with the generation prompt (no extra BOS: the template owns it)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _after_reply(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return text[text.index(_REPLY) + len(_REPLY):]
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """End-of-turn token(s): the token the template writes after an assistant reply, then eos if different."""
+    after = _after_reply(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _REPLY}],
+                         False)
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
+    if not ids or ids[0] not in tokenizer.all_special_ids:
+        ids = []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("cannot find an end-of-turn token: the chat template ends no reply with a special token")
+    return ids
+
+
+def encode_segment(tokenizer, observation: str) -> list[int]:
+    """Ids that follow a reply's end-of-turn token up to the next generation prompt, rendered exactly as the template
+    would. ChatML: '\\n<|im_start|>user\\n{observation}<|im_end|>\\n<|im_start|>assistant\\n'."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _REPLY},
+            {"role": "user", "content": observation}]
+    text = _after_reply(tokenizer, msgs, True)
+    eot = tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer)[0])
+    if not text.startswith(eot):
+        raise ValueError(f"chat template does not close a reply with {eot!r}; cannot append turns to the cache")
+    return tokenizer(text[len(eot):], add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# generation phases: prefill -> sample -> decode_step ... -> append_chunk -> sample ...
+
+@dataclass
+class DecodeState:
+    cache: object             # transformers DynamicCache, updated in place
+    mask: torch.Tensor        # (B, S) 1 = real token in that physical slot, 0 = left pad / hole
+    rows: list[int]           # batch row -> episode index
+    keyword: str              # "cache" (transformers >= 5.24) or "past_key_values"
+    stats: dict               # forward-token counters (prefill_tokens: prompt + chunks, decode_tokens, rebuilds)
+
+
+def cache_keyword(model) -> str:
+    """The forward() keyword that takes a Cache object; a wrong one is silently swallowed by **kwargs."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def position_ids(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical positions of the last n columns: each row gets the RoPE phases of its hole-free ledger."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)[:, -n:]                          # (B, n)
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_id] * (n - len(s)) + s for s in seqs], device=device)              # (B, n)
+    mask = torch.tensor([[0] * (n - len(s)) + [1] * len(s) for s in seqs], device=device)       # (B, n)
+    return ids, mask
+
+
+def _forward(model, state: DecodeState, ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+    """Feed n new columns (left-padded chunk or one decode token); return the last logits (B, V) in fp32."""
+    n = ids.shape[1]
+    state.mask = torch.cat([state.mask, new_mask], 1)                           # (B, S + n)
+    before = state.cache.get_seq_length()
+    out = model(input_ids=ids, attention_mask=state.mask, position_ids=position_ids(state.mask, n),
+                use_cache=True, logits_to_keep=1, **{state.keyword: state.cache})
+    grown = state.cache.get_seq_length() - before
+    if grown != n:
+        raise RuntimeError(f"KV cache did not grow by {n} tokens (grew by {grown}): the model ignored "
+                           f"`{state.keyword}=`; this transformers version may expect another cache keyword")
+    return out.logits[:, -1].float()                                            # (B, V)
+
+
+def prefill(model, prompts: list[list[int]], pad_id: int, rows: list[int] | None = None, stats: dict | None = None):
+    """Left-pad and forward the prompts into a fresh cache; identical prompts are prefilled once and repeated
+    (GRPO groups). Returns (state, logits (B, V)) for the first sampled token."""
+    from transformers import DynamicCache
+
+    uniq, inverse = {}, []
+    for p in prompts:
+        inverse.append(uniq.setdefault(tuple(p), len(uniq)))
+    device = next(model.parameters()).device
+    ids, mask = _left_pad([list(p) for p in uniq], pad_id, device)              # (U, L)
+    stats = stats if stats is not None else {}
+    for key in ("prefill_tokens", "decode_tokens", "rebuilds"):
+        stats.setdefault(key, 0)
+    state = DecodeState(DynamicCache(config=model.config), mask[:, :0], list(rows or range(len(prompts))),
+                        cache_keyword(model), stats)
+    logits = _forward(model, state, ids, mask)                                  # (U, V)
+    stats["prefill_tokens"] += int(mask.sum())
+    if len(uniq) < len(prompts):
+        G = len(prompts) // len(uniq)
+        if inverse == [k // G for k in range(len(prompts))]:                    # contiguous groups of equal size
+            state.cache.batch_repeat_interleave(G)
+            state.mask = state.mask.repeat_interleave(G, 0)                     # (B, L)
+        else:
+            index = torch.tensor(inverse, device=device)
+            state.cache.batch_select_indices(index)
+            state.mask = state.mask[index]                                      # (B, L)
+        logits = logits[torch.tensor(inverse, device=device)]                   # (B, V)
+    return state, logits
+
+
+def decode_step(model, state: DecodeState, tok: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """Feed one token per row; rows no longer live get a masked filler column. Returns logits (B, V)."""
+    state.stats["decode_tokens"] += int(live.sum())
+    return _forward(model, state, tok[:, None], live[:, None].long())           # (B, V)
+
+
+def append_chunk(model, state: DecodeState, chunks: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Feed each row's chunk ([pending token] + [forced end-of-turn] + observation segment), left-padded so that the
+    last column is real in every row. Returns logits (B, V) for the next reply's first token."""
+    ids, mask = _left_pad(chunks, pad_id, state.mask.device)                    # (B, n)
+    state.stats["prefill_tokens"] += int(mask.sum())
+    return _forward(model, state, ids, mask)
+
+
+def sample(logits: torch.Tensor, sampling: SamplingConfig, generator=None, live: torch.Tensor | None = None):
+    """Next token per row (greedy if temperature == 0) and its UNtempered log-prob. logits (B, V) -> (B,), (B,).
+
+    generator: one torch.Generator for the batch, or a list with one per row. With a list, a row draws only while it
+    is live, so its samples do not depend on which other rows share the batch (eval.py's batch-size independence)."""
+    logp = torch.log_softmax(logits, -1)                                        # (B, V)
+    if sampling.temperature == 0:
+        tok = logits.argmax(-1)                                                 # (B,)
+    else:
+        z = logits / sampling.temperature                                       # (B, V)
+        if sampling.top_k > 0:
+            kth = z.topk(min(sampling.top_k, z.shape[-1]), -1).values[:, -1:]   # (B, 1)
+            z = z.masked_fill(z < kth, float("-inf"))
+        if sampling.top_p < 1.0:
+            zs, order = z.sort(-1, descending=True)                             # (B, V)
+            p = zs.softmax(-1)
+            drop = p.cumsum(-1) - p > sampling.top_p                            # keeps the token that crosses top_p
+            z = z.scatter(-1, order, zs.masked_fill(drop, float("-inf")))
+        probs = z.softmax(-1)                                                   # (B, V)
+        if isinstance(generator, (list, tuple)):                                # per-row streams
+            tok = torch.zeros(probs.shape[0], dtype=torch.long)                 # (B,)
+            for r, g in enumerate(generator):
+                if live is None or bool(live[r]):
+                    tok[r] = torch.multinomial(probs[r].to(g.device), 1, generator=g)[0]
+            tok = tok.to(logits.device)
+        else:
+            where = generator.device if generator is not None else probs.device
+            tok = torch.multinomial(probs.to(where), 1, generator=generator)[:, 0].to(logits.device)   # (B,)
+    return tok, logp.gather(1, tok[:, None])[:, 0]                              # (B,), (B,)
+
+
+def generate_turn(model, state: DecodeState, logits: torch.Tensor, sampling: SamplingConfig, generator,
+                  stop_ids: list[int], pad_id: int):
+    """Sample one reply per row until every row sampled a stop token or the cap. The last token of each row stays
+    pending (not fed). Returns per row: (tokens, logprobs, stopped)."""
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=logits.device)
+    live = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)  # (B,) still writing this turn
+    toks, lps, real = [], [], []
+    for n in range(sampling.max_new_tokens):
+        tok, lp = sample(logits, sampling, generator, live)                     # (B,), (B,)
+        toks.append(tok)
+        lps.append(lp)
+        real.append(live)
+        live = live & ~torch.isin(tok, stop)                                    # (B,)
+        if n + 1 == sampling.max_new_tokens or not bool(live.any()):
+            break
+        logits = decode_step(model, state, torch.where(live, tok, pad_id), live)
+    toks, lps, real = (torch.stack(x, 1).tolist() for x in (toks, lps, real))  # (B, n) each
+    out = []
+    for t, lp, r in zip(toks, lps, real):
+        t, lp = [x for x, k in zip(t, r) if k], [x for x, k in zip(lp, r) if k]
+        out.append((t, lp, t[-1] in stop_ids))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# rollout: drive episodes (design.md episode protocol) turn by turn on one cache
+
+def _extend(ledger: Ledger, ids: list[int], logprobs: list[float] | None = None):
+    ledger.ids += ids
+    ledger.trainable += [int(logprobs is not None)] * len(ids)
+    ledger.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
+
+
+def _step_one_by_one(episodes, replies):
+    return [ep.step(reply) for ep, reply in zip(episodes, replies)]
+
+
+def _uses_sliding_window(config) -> bool:
+    return any("sliding" in str(t) for t in (getattr(config, "layer_types", None) or []))
+
+
+def _next_turn(model, state: DecodeState, keep: list[int], chunks: list[list[int]], ledger_ids: list[list[int]],
+               pad_id: int, reprefill: bool) -> torch.Tensor:
+    """Drop finished rows from the batch, then append the kept rows' chunks to the cache, or rebuild the cache from
+    the compact ledgers when asked to or when holes make it REBUILD_FACTOR x longer than the longest row."""
+    if len(keep) < len(state.rows):                     # finished episodes leave the compute
+        index = torch.tensor(keep, device=state.mask.device)
+        state.cache.batch_select_indices(index)
+        state.mask = state.mask[index]                                          # (B', S)
+        state.rows = [state.rows[b] for b in keep]
+    ledger_ids = [ledger_ids[b] for b in keep]
+    if reprefill or state.mask.shape[1] + max(map(len, chunks)) > REBUILD_FACTOR * max(map(len, ledger_ids)):
+        state.stats["rebuilds"] += 1
+        fresh, logits = prefill(model, ledger_ids, pad_id, state.rows, state.stats)
+        state.cache, state.mask = fresh.cache, fresh.mask
+        return logits
+    return append_chunk(model, state, chunks, pad_id)
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, episodes, sampling: SamplingConfig, generator=None,
+            prompts: list[list[dict]] | None = None, step_fn=None, max_context: int = 8192, progress=None,
+            reprefill: bool = False, stats: dict | None = None) -> list[Ledger]:
+    """Play the episodes to the end with one batched, cross-turn KV cache; one Ledger per episode.
+
+    generator: a torch.Generator, or a list with one per episode (sampling independent of the batch);
+    prompts: per-episode initial messages replacing ep.initial_messages(); step_fn(episodes, replies) -> [(obs, done)]
+    (default: ep.step one by one); progress: a tqdm bar advanced per finished episode; reprefill: rebuild the cache
+    from the ledgers every turn instead of appending (baseline); stats: a dict that receives forward-token counters.
+    """
+    if sampling.max_new_tokens < 1:
+        raise ValueError("sampling.max_new_tokens must be >= 1")
+    step_fn = step_fn or _step_one_by_one
+    messages = prompts if prompts is not None else [ep.initial_messages() for ep in episodes]
+    stop, pad_id = stop_token_ids(tokenizer), tokenizer.pad_token_id
+    pad_id = pad_id if pad_id is not None else stop[0]
+    reprefill = reprefill or _uses_sliding_window(model.config)
+    room = sampling.max_new_tokens + 1                  # one more reply plus a possibly forced end-of-turn
+    ledgers = []
+    for msgs in messages:
+        p = encode_prompt(tokenizer, msgs)
+        ledgers.append(Ledger(ids=list(p), trainable=[0] * len(p), logprobs=[0.0] * len(p), prompt_len=len(p)))
+
+    def finish(i, reason=None):
+        if reason:
+            episodes[i].abort(reason)
+            ledgers[i].truncated = True
+        if progress is not None:
+            progress.update(1)
+
+    rows = []
+    for i, ep in enumerate(episodes):
+        if len(ledgers[i].ids) + room > max_context:
+            finish(i, "context cap")
+        elif not ep.done:
+            rows.append(i)
+    if not rows:
+        return ledgers
+    was_training = model.training
+    model.eval()
+    try:
+        state, logits = prefill(model, [ledgers[i].ids for i in rows], pad_id, rows, stats)
+        while True:
+            gen = [generator[i] for i in state.rows] if isinstance(generator, (list, tuple)) else generator
+            turn = generate_turn(model, state, logits, sampling, gen, stop, pad_id)
+            replies = []
+            for i, (toks, lps, stopped) in zip(state.rows, turn):
+                _extend(ledgers[i], toks, lps)
+                replies.append(tokenizer.decode(toks[:-1] if stopped else toks, skip_special_tokens=False))
+                ledgers[i].replies.append(replies[-1])
+            results = step_fn([episodes[i] for i in state.rows], replies)
+            keep, chunks = [], []
+            for b, (i, (toks, _, stopped), (obs, done)) in enumerate(zip(state.rows, turn, results)):
+                forced = [] if stopped else [stop[0]]    # cap hit: close the turn as the template would
+                seg = [] if done else encode_segment(tokenizer, obs)
+                _extend(ledgers[i], forced)
+                if done:
+                    finish(i)
+                elif len(ledgers[i].ids) + len(seg) + room > max_context:
+                    finish(i, "context cap")
+                else:
+                    _extend(ledgers[i], seg)
+                    keep.append(b)
+                    chunks.append(toks[-1:] + forced + seg)   # the pending token goes first
+            if not keep:
+                return ledgers
+            logits = _next_turn(model, state, keep, chunks, [ledgers[i].ids for i in state.rows], pad_id, reprefill)
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# scoring: one uncached forward, chunked log-softmax
+
+def _chunk_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, softcap) -> torch.Tensor:
+    logits = head(hidden).float()                                               # (b, t, V)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)  # (b, t)
+
+
+def _score_batch(model, seqs: list[list[int]], grad: bool) -> torch.Tensor:
+    device = next(model.parameters()).device
+    T = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)              # (b, T) right-padded
+    mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs], device=device)  # (b, T)
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask, T),
+                                 use_cache=False).last_hidden_state            # (b, T, D)
+    head, V = model.get_output_embeddings(), model.config.get_text_config().vocab_size
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    step = max(1, LOGIT_CHUNK_ELEMS // (len(seqs) * V))
+    pieces = []
+    for s in range(0, T - 1, step):
+        h, tgt = hidden[:, s:min(s + step, T - 1)], ids[:, s + 1:s + 1 + step]  # (b, t, D), (b, t)
+        if grad:   # recompute the chunk's logits in backward instead of keeping (b, T, V) alive
+            pieces.append(checkpoint(_chunk_logprobs, head, h, tgt, softcap, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(head, h, tgt, softcap))
+    lp = torch.cat(pieces, 1) if pieces else hidden.new_zeros(len(seqs), 0, dtype=torch.float32)  # (b, T - 1)
+    lp = torch.where(mask[:, 1:].bool(), lp, 0.0)                              # 0 on padding
+    return F.pad(lp, (1, 0))                                                    # (b, T); 0 at t = 0
+
+
+def score(model, sequences: list[list[int]], grad: bool = False, micro_batch_size: int | None = None) -> torch.Tensor:
+    """out[b, t] = log pi(seq[b][t] | seq[b][:t]) for 1 <= t < len(seq[b]); 0 at t = 0 and on padding. (B, T_max)"""
+    if not sequences or min(map(len, sequences)) == 0:
+        raise ValueError("score() needs at least one non-empty sequence per row")
+    T, mbs = max(map(len, sequences)), micro_batch_size or len(sequences)
+    with torch.set_grad_enabled(grad):
+        parts = [_score_batch(model, sequences[k:k + mbs], grad) for k in range(0, len(sequences), mbs)]
+        return torch.cat([F.pad(p, (0, T - p.shape[1])) for p in parts], 0)    # (B, T)
+
+
+def score_under_prompt(model, ledgers: list[Ledger], prompt_ids: list[list[int]], grad: bool = False,
+                       micro_batch_size: int | None = None) -> torch.Tensor:
+    """Teacher re-scoring: prompt_ids[b] + ledger.ids[prompt_len:], shifted back so out[b, j] (j >= prompt_len) is the
+    log-prob of ledger token j under the new prompt; 0 before prompt_len and on padding. (B, T_max)"""
+    seqs = [list(p) + L.ids[L.prompt_len:] for p, L in zip(prompt_ids, ledgers)]
+    scored = score(model, seqs, grad, micro_batch_size)                         # (B, T')
+    T = max(len(L.ids) for L in ledgers)
+    rows = []
+    for b, (p, L) in enumerate(zip(prompt_ids, ledgers)):
+        rest = scored[b, len(p):len(p) + len(L.ids) - L.prompt_len]             # (len - prompt_len,)
+        rows.append(F.pad(rest, (L.prompt_len, T - len(L.ids))))               # (T,)
+    return torch.stack(rows)                                                    # (B, T)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# self-check and benchmark
+
+class _CountingEpisode:
+    """A toy env for the self-check: observations of varying length, done after `turns` replies."""
+
+    def __init__(self, k: int, turns: int, obs_words: int):
+        self.task_id, self.k, self.turns, self.obs_words = f"count-{k}", k, turns, obs_words
+        self.done, self.trajectory = False, []
+
+    def initial_messages(self):
+        return [{"role": "system", "content": "You are solving the Sokoban puzzle."},
+                {"role": "user", "content": f"Level {self.task_id}: push X onto O. " * (1 + self.k % 3)}]
+
+    def step(self, reply):
+        self.trajectory.append({"reply": reply, "observation": "", "valid": True, "error": None})
+        self.done = len(self.trajectory) >= self.turns
+        return ("" if self.done else f"Turn {len(self.trajectory)}: " + "# _ O X P " * self.obs_words), self.done
+
+    def abort(self, reason):
+        self.done = True
+
+
+def self_check():
+    model, tokenizer = load("tiny", device="cpu")
+    eps = [_CountingEpisode(k, turns=3, obs_words=1 + k) for k in range(3)]
+    ledgers = rollout(model, tokenizer, eps, SamplingConfig(max_new_tokens=12), torch.Generator().manual_seed(0))
+    ref = score(model, [L.ids for L in ledgers])                               # (B, T)
+    err = max(abs(ref[b, t].item() - L.logprobs[t]) for b, L in enumerate(ledgers)
+              for t in range(len(L.ids)) if L.trainable[t])
+    print(f"cache keyword: {cache_keyword(model)!r}; ledger lengths {[len(L.ids) for L in ledgers]}; "
+          f"max |cached - full-forward log-prob| = {err:.2e}")
+    print("row 0:", repr(tokenizer.decode(ledgers[0].ids))[:300])
+    assert err < 1e-4, err
+
+
+def _race(fns: dict, reps: int = 3) -> dict:
+    """Median seconds per function, runs interleaved so that load from other processes hits both alike."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()                                                                    # warm-up
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+@torch.no_grad()
+def bench(batch: int = 64, new_tokens: int = 64, group: int = 8, turns: int = 20):
+    import transformers
+
+    tokenizer = build_tiny_tokenizer()
+    pad = tokenizer.pad_token_id
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=new_tokens)
+    text = "Level {}: push the box X onto the target O. "
+    layouts = {f"{batch} distinct": [text.format(k) * (1 + k % 4) for k in range(batch)],
+               f"{batch // group} tasks x G={group}": [text.format(k // group) * (1 + k // group % 4)
+                                                        for k in range(batch)]}
+    sizes = {"tiny": {}, "4x512": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                                       num_attention_heads=8, num_key_value_heads=4, head_dim=64)}
+    print(f"\nCommand: `python model.py --bench` (CPU, {torch.get_num_threads()} threads, fp32, torch "
+          f"{torch.__version__}, transformers {transformers.__version__}); random-init Qwen3 configs, tiny "
+          f"tokenizer (V={len(tokenizer)}), batch {batch}, {new_tokens} new tokens per row, T=1.0, no stop token "
+          f"(every row runs to the cap), median of 3 interleaved runs.\n")
+    print("| model | prompts | this loop, tok/s | `model.generate`, tok/s | ratio |\n|---|---|---:|---:|---:|")
+    for size, overrides in sizes.items():
+        model = build_tiny_model(tokenizer, seed=0, eos_token_id=None, **overrides)   # no eos: same lengths
+        n_params = sum(p.numel() for p in model.parameters()) / 1e6
+        for layout, texts in layouts.items():
+            prompts = [encode_prompt(tokenizer, [{"role": "user", "content": t}]) for t in texts]
+
+            def ours():
+                state, logits = prefill(model, prompts, pad)
+                generate_turn(model, state, logits, sampling, torch.Generator().manual_seed(0), [], pad)
+
+            def hf():
+                ids, mask = _left_pad(prompts, pad, "cpu")
+                model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0,
+                               top_k=0, max_new_tokens=new_tokens, pad_token_id=pad, eos_token_id=None)
+
+            t = _race({"ours": ours, "hf": hf})
+            tps = {k: batch * new_tokens / v for k, v in t.items()}
+            print(f"| Qwen3 {size} ({n_params:.1f}M) | {layout} | {tps['ours']:,.0f} | {tps['hf']:,.0f} | "
+                  f"{tps['ours'] / tps['hf']:.2f}x |")
+
+    tiny = build_tiny_model(tokenizer)
+    stats, secs, ids = {}, {}, {}
+    for mode in (False, True):
+        eps = [_CountingEpisode(k, turns=turns, obs_words=6) for k in range(8)]
+        stats[mode], t0 = {}, time.perf_counter()
+        ledgers = rollout(tiny, tokenizer, eps, SamplingConfig(temperature=0, max_new_tokens=16), reprefill=mode,
+                          max_context=100_000, stats=stats[mode])
+        secs[mode], ids[mode] = time.perf_counter() - t0, [L.ids for L in ledgers]
+    assert ids[False] == ids[True], "re-prefilling and cache reuse produced different episodes"
+    ep_len = sum(map(len, ids[False])) / 8
+    print(f"\n{turns}-turn episodes (8 rows, tiny model, greedy, <= 16 tokens per reply, ~30-token observations, "
+          f"{ep_len:.0f} ledger tokens per episode; identical ledgers in both modes):\n")
+    print("| per episode | cache reuse across turns | re-prefill the history each turn | ratio |\n|---|---:|---:|---:|")
+    pre = {m: stats[m]["prefill_tokens"] / 8 for m in stats}
+    print(f"| prefill + observation-chunk tokens forwarded | {pre[False]:,.0f} | {pre[True]:,.0f} | "
+          f"{pre[True] / pre[False]:.1f}x fewer |")
+    print(f"| decode tokens forwarded | {stats[False]['decode_tokens'] / 8:,.0f} | "
+          f"{stats[True]['decode_tokens'] / 8:,.0f} | 1.0x |")
+    print(f"| wall time of the 8 episodes, s | {secs[False]:.2f} | {secs[True]:.2f} | "
+          f"{secs[True] / secs[False]:.2f}x |")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bench", action="store_true", help="benchmark vs model.generate and vs re-prefilling")
+    if parser.parse_args().bench:
+        bench()
+    else:
+        self_check()

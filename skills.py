@@ -1,0 +1,880 @@
+"""Skills for Skill-SD: the skill record and its parser, three summarizers (LLM, HTTP, rule-based), an asynchronous
+worker, the per-task skill bank with UCB retrieval, and the teacher-prompt builder.
+
+Paper: Skill-SD (arXiv 2604.10674) §3-4 of notes/method.md. After every iteration each completed trajectory is
+summarised into a JSON skill {success_analysis, mistake_analysis, golden_workflow}, appended to that task's bank B(x);
+before re-scoring, one skill per task is picked by UCB (untried first, else mean reward + c sqrt(ln N / n)) and put
+into the teacher's prompt only ("S(x) + Task"). The student never sees it.
+
+Choices (numbered; [C] = ours, with the public source it follows):
+ 1. [C] Skill text in the prompt = compact one-line JSON of the three keys, capped at MAX_SKILL_CHARS = 1600 characters
+    (about 400 tokens at ~4 characters per token for English BPE, method.md §3); over the cap, the longest fields are
+    trimmed first (water-filling) and end in "...". The bank stores the full fields; the cap applies to the prompt.
+ 2. [C] parse_skill takes the first JSON object (anywhere: code fences, prose around it, nested inside another object)
+    holding one of the three keys; repairs trailing commas, smart quotes, single quotes (Python literal syntax) and a
+    truncated tail; a missing field gets a fallback string; no field at all -> None. It never raises.
+ 3. [C] The summariser is pluggable (the paper used the external Seed1.8): LLMSummarizer (the policy itself by default,
+    greedy, our JSON-only prompt), HTTPSummarizer (any OpenAI-compatible endpoint, urllib only), and deterministic
+    rule-based ones for tiny models and tests. Parse failure -> one retry with a stricter reminder -> None (dropped).
+ 4. [C] Sokoban rule summary replays the episode from the initial room with env_sokoban.SokobanGame. The workflow of a
+    success is the episode's own moves with wall bumps and loops cut out (still a valid plan); a failure gets "no
+    successful workflow yet" plus its best prefix (the earliest state with the most boxes on targets). It never uses
+    the solver: a skill must only contain what an attempt revealed.
+ 5. [C] Bank (method.md §4.2): one per task, capacity 16, FIFO eviction of the oldest, exact duplicates of the prompt
+    text dropped; UCB1 with c = sqrt(2); among untried skills the newest; ties -> lowest index (oldest). The reward of a
+    pick = the mean group reward of the rollouts the skill re-scored (the literal reading of the paper).
+ 6. [C] The skill block = SKILL_HEADER line + JSON + a blank line, put before the task text of the first user message
+    (the figure's "S(x) + Task"; SDAR uses a similar "[Privileged Skill Information]" header). It ends in a newline,
+    so BPE pre-tokenisation splits there and the teacher ids are the student ids with one contiguous block inserted
+    (tested). The OPD teacher gets a fixed ground-truth block (privileged_block) in the same place.
+ 7. [C] AsyncSummarizer runs summaries on one worker thread: skills submitted at iteration k show up in collect() at a
+    later iteration (the paper does this asynchronously). A summarizer that runs the policy's own weights should be used
+    with synchronous=True (the optimizer changes the weights in place).
+ 8. model.py / env_sokoban.py are imported inside the functions that need them, so the bank, the parser and the HTTP
+    summarizer load without torch.
+
+Run: .venv/bin/python -m pytest -q tests/test_skills.py      (or `python skills.py` for a scripted demo)
+"""
+import ast
+import copy
+import json
+import logging
+import math
+import os
+import queue
+import re
+import threading
+import urllib.request
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+log = logging.getLogger("skills")
+
+SKILL_KEYS = ("success_analysis", "mistake_analysis", "golden_workflow")
+FALLBACKS = {"success_analysis": "No success analysis given.",
+             "mistake_analysis": "No mistake analysis given.",
+             "golden_workflow": "No workflow given."}
+MAX_SKILL_CHARS = 1600        # choice 1: ~400 tokens
+MAX_PARSE_CHARS = 50_000      # parse_skill looks at most at this many characters
+SKILL_HEADER = "[Skill from an earlier attempt at this task]"
+PRIVILEGED_HEADER = "[Reference solution for this task]"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The skill record and its parser
+
+@dataclass
+class Skill:
+    success_analysis: str
+    mistake_analysis: str
+    golden_workflow: str
+
+    def to_dict(self):
+        return {k: getattr(self, k) for k in SKILL_KEYS}
+
+    @classmethod
+    def from_dict(cls, d):
+        """Missing, empty or non-string fields get FALLBACKS / their text form; never raises on a dict."""
+        return cls(**{k: _as_text(d.get(k)) or FALLBACKS[k] for k in SKILL_KEYS})
+
+    def to_prompt(self, max_chars=MAX_SKILL_CHARS):
+        """The JSON as it appears in the teacher prompt (choice 1)."""
+        fields = self.to_dict()
+        text = json.dumps(fields, ensure_ascii=False)
+        budget = max_chars - len(json.dumps(dict.fromkeys(SKILL_KEYS, ""), ensure_ascii=False))
+        while len(text) > max_chars and budget > 0:
+            caps = _water_fill([len(fields[k]) for k in SKILL_KEYS], budget)
+            trimmed = {k: v if len(v) <= c else v[:max(c - 3, 0)] + "..." for (k, v), c in zip(fields.items(), caps)}
+            text = json.dumps(trimmed, ensure_ascii=False)
+            budget -= max(len(text) - max_chars, 1)           # escapes (\n, \") may cost extra characters
+        return text
+
+
+def _water_fill(lengths, budget):
+    """Per-field character caps summing to <= budget; short fields keep their length, long ones share the rest."""
+    caps, left = [0] * len(lengths), budget
+    for k, i in enumerate(sorted(range(len(lengths)), key=lambda j: lengths[j])):
+        caps[i] = min(lengths[i], left // (len(lengths) - k))
+        left -= caps[i]
+    return caps
+
+
+def _as_text(v):
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        return v.strip()
+    if isinstance(v, (list, tuple)):
+        items = [_as_text(x) for x in v if _as_text(x)]
+        numbered = all(re.match(r"\s*\d+[.)]", x) for x in items)
+        return "\n".join(x if numbered else f"{i}. {x}" for i, x in enumerate(items, 1))
+    if isinstance(v, dict):
+        return json.dumps(v, ensure_ascii=False, default=str)
+    return str(v)
+
+
+_KEY_ALIASES = {"successanalysis": "success_analysis", "success": "success_analysis", "whatworked": "success_analysis",
+                "mistakeanalysis": "mistake_analysis", "mistakesanalysis": "mistake_analysis",
+                "mistake": "mistake_analysis", "mistakes": "mistake_analysis", "failureanalysis": "mistake_analysis",
+                "goldenworkflow": "golden_workflow", "workflow": "golden_workflow", "golden": "golden_workflow"}
+
+
+def _skill_fields(obj, depth=0):
+    """The first dict (depth-first, at most 6 levels down) with one of the skill keys -> {key: text}, else None."""
+    if depth > 6:
+        return None
+    if isinstance(obj, dict):
+        found = {}
+        for k, v in obj.items():
+            key = _KEY_ALIASES.get(re.sub(r"[^a-z]", "", str(k).lower()))
+            if key and key not in found:
+                found[key] = _as_text(v)
+        if any(found.values()):
+            return found
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple)):
+        children = list(obj)
+    else:
+        return None
+    for child in children:
+        got = _skill_fields(child, depth + 1)
+        if got:
+            return got
+    return None
+
+
+def _json_objects(text, limit=20):
+    """Balanced {...} substrings at top level, string-aware (both quote kinds); an unterminated tail is the last one."""
+    out, depth, start, quote, escape = [], 0, 0, None, False
+    for i, ch in enumerate(text):
+        if quote:
+            if escape:
+                escape = False
+            elif ch == "\\":
+                escape = True
+            elif ch == quote:
+                quote = None
+        elif ch in "\"'" and depth > 0:
+            quote = ch
+        elif ch == "{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif ch == "}" and depth > 0:
+            depth -= 1
+            if depth == 0:
+                out.append(text[start:i + 1])
+                if len(out) >= limit:
+                    return out
+    if depth > 0:
+        out.append(text[start:])
+    return out
+
+
+def _load_loose(s):
+    """json.loads, then with repairs (trailing commas, smart quotes), then Python literal syntax; None on failure."""
+    s = s.replace("\u201c", '"').replace("\u201d", '"').replace("\u2018", "'").replace("\u2019", "'")
+    fixed = re.sub(r",(\s*[}\]])", r"\1", s)
+    py = re.sub(r"\btrue\b", "True", re.sub(r"\bfalse\b", "False", re.sub(r"\bnull\b", "None", fixed)))
+    for attempt in (lambda: json.loads(s), lambda: json.loads(fixed, strict=False), lambda: ast.literal_eval(py)):
+        try:
+            with warnings.catch_warnings():     # literal_eval warns on odd escapes such as "\d"
+                warnings.simplefilter("ignore")
+                return attempt()
+        except Exception:       # ValueError, SyntaxError, RecursionError, MemoryError on hostile input
+            continue
+    return None
+
+
+_QUOTED_FIELD = re.compile(                     # "key": "value... (the value may be cut off)
+    r"[\"']?(success_analysis|mistake_analysis|golden_workflow)[\"']?\s*:\s*\"((?:[^\"\\]|\\.)*)", re.S)
+
+
+def parse_skill(text):
+    """Model output -> Skill | None (choice 2). Never raises."""
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        if not isinstance(text, str):
+            return None
+        text = text[:MAX_PARSE_CHARS]
+        for cand in _json_objects(text):
+            fields = _skill_fields(_load_loose(cand))
+            if fields:
+                return Skill.from_dict(fields)
+        # last resort: a truncated object, e.g. generation stopped by max_new_tokens mid-string
+        fields = {}
+        for key, raw in _QUOTED_FIELD.findall(text):
+            try:
+                fields.setdefault(key, json.loads(f'"{raw}"', strict=False))
+            except ValueError:
+                fields.setdefault(key, raw)
+        return Skill.from_dict(fields) if any(v.strip() for v in fields.values()) else None
+    except Exception as e:      # the contract is "never raises": log what slipped through instead
+        log.warning("parse_skill failed unexpectedly: %r", e)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Summary requests and the LLM prompt
+
+@dataclass
+class SummaryRequest:
+    task_id: str
+    env: str                                    # "sokoban" | "appworld"
+    task_text: str
+    trajectory: list                            # ep.trajectory
+    result: dict                                # ep.result()
+    extra: dict = field(default_factory=dict)   # Sokoban: {"room_fixed", "room_state"} of the initial state
+
+    @classmethod
+    def from_episode(cls, env, ep):
+        """The request of a finished episode; Sokoban episodes also pass their initial room for the rule replay."""
+        level = getattr(ep, "level", None)
+        extra = {"room_fixed": level.room_fixed.tolist(), "room_state": level.room_state.tolist()} \
+            if env == "sokoban" and level is not None else {}
+        return cls(ep.task_id, env, ep.task_text(), list(ep.trajectory), dict(ep.result()), extra)
+
+
+SUMMARY_SYSTEM = ("You review an AI agent's attempt at a task and write a short, reusable skill for the next attempt "
+                  "at the same task. Reply with only a JSON object: no prose, no code fences.")
+SUMMARY_INSTRUCTIONS = """Write a JSON object with exactly these three string fields:
+"success_analysis": which intents, actions or tool choices were right and worth reusing;
+"mistake_analysis": what went wrong, why, and which wrong assumption or misuse caused it;
+"golden_workflow": the ideal procedure for this task as short numbered steps.
+Reply with only the JSON object."""
+
+
+def _clip(text, n):
+    text = str(text or "").strip()
+    return text if len(text) <= n else text[:n] + f" ...[{len(text) - n} chars cut]"
+
+
+def summary_messages(req, max_action_chars=400, max_obs_chars=400, max_chars=6000, reminder=False):
+    """Chat messages asking for a skill: task, trajectory as action/observation text (long parts cut; the middle
+    turns are dropped when the whole would exceed max_chars), outcome, and the JSON-only instruction."""
+    turns = []
+    for i, t in enumerate(req.trajectory, 1):
+        action = t.get("code") or t.get("reply") or ""
+        turns.append(f"Turn {i} action: {_clip(action, max_action_chars)}\n"
+                     f"Turn {i} observation: {_clip(t.get('observation'), max_obs_chars)}")
+    while len(turns) > 2 and sum(len(x) + 1 for x in turns) > max_chars:
+        mid = len(turns) // 2                       # drop from the middle: the start and the end say the most
+        turns[mid - 1:mid + 1] = [f"... ({_omitted(turns[mid - 1:mid + 1])} turns omitted) ..."]
+    r = req.result or {}
+    outcome = (f"Outcome: success={'yes' if r.get('success') else 'no'}, "
+               f"completion={float(r.get('completion') or 0.0):.2f}, reward={float(r.get('reward') or 0.0):.2f}, "
+               f"turns={len(req.trajectory)}")
+    user = (f"Task:\n{_clip(req.task_text, 2000)}\n\nTrajectory ({len(req.trajectory)} turns):\n" + "\n".join(turns)
+            + f"\n\n{outcome}\n\n{SUMMARY_INSTRUCTIONS}")
+    if reminder:
+        user += "\nYour previous reply was not a valid JSON object. Start your reply with { and end it with }."
+    return [{"role": "system", "content": SUMMARY_SYSTEM}, {"role": "user", "content": user}]
+
+
+def _omitted(parts):
+    n = 0
+    for p in parts:
+        m = re.match(r"\.\.\. \((\d+) turns omitted\)", p)
+        n += int(m.group(1)) if m else 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Summarizers: LLM (model.py), HTTP (OpenAI-compatible), rule-based (per environment)
+
+class _PromptEpisode:
+    """A one-turn episode (design.md protocol) so that model.rollout can generate a summary for a fixed prompt."""
+
+    def __init__(self, messages):
+        self.messages, self.task_id, self.trajectory = messages, "summary", []
+        self.done, self.reply = False, None
+
+    def initial_messages(self):
+        return self.messages
+
+    def step(self, reply):
+        self.reply, self.done = reply, True
+        return "", True
+
+    def abort(self, reason):
+        self.done = True
+
+    def result(self):
+        return {"reward": 0.0, "success": False, "completion": 0.0, "turns": 1, "format_errors": 0}
+
+    def task_text(self):
+        return ""
+
+    def privileged_context(self):
+        return None
+
+
+class LLMSummarizer:
+    """Summaries from an HF model through model.rollout (greedy by default), batched, parse + one retry -> None."""
+
+    def __init__(self, model, tokenizer, sampling=None, batch_size=8, max_context=8192, seed=0, **prompt_kwargs):
+        from model import SamplingConfig
+        self.model, self.tokenizer = model, tokenizer
+        self.sampling = sampling or SamplingConfig(temperature=0.0, max_new_tokens=512)
+        self.batch_size, self.max_context, self.seed, self.prompt_kwargs = batch_size, max_context, seed, prompt_kwargs
+        self.num_generated = self.num_failed = 0
+
+    def _generate(self, message_lists):
+        import torch
+        from model import rollout
+        replies = []
+        gen = None if self.sampling.temperature == 0 else torch.Generator().manual_seed(self.seed)
+        for i in range(0, len(message_lists), self.batch_size):
+            eps = [_PromptEpisode(m) for m in message_lists[i:i + self.batch_size]]
+            with torch.no_grad():
+                rollout(self.model, self.tokenizer, eps, self.sampling, generator=gen, max_context=self.max_context)
+            replies += [ep.reply or "" for ep in eps]
+        self.num_generated += len(replies)
+        return replies
+
+    def summarize(self, requests):
+        skills = [parse_skill(t) for t in self._generate([summary_messages(r, **self.prompt_kwargs) for r in requests])]
+        retry = [i for i, s in enumerate(skills) if s is None]
+        if retry:
+            again = self._generate([summary_messages(requests[i], reminder=True, **self.prompt_kwargs) for i in retry])
+            for i, text in zip(retry, again):
+                skills[i] = parse_skill(text)
+        self.num_failed += sum(s is None for s in skills)
+        return skills
+
+
+class HTTPSummarizer:
+    """Summaries from an OpenAI-compatible /v1/chat/completions endpoint (urllib only). Any error -> None, logged."""
+
+    def __init__(self, base_url, model, api_key=None, timeout=60, max_tokens=512, temperature=0.0, max_workers=4,
+                 **prompt_kwargs):
+        base = base_url.rstrip("/")
+        self.url = base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
+        self.model, self.api_key, self.timeout = model, api_key, timeout
+        self.max_tokens, self.temperature, self.max_workers, self.prompt_kwargs = \
+            max_tokens, temperature, max_workers, prompt_kwargs
+        self._lock = threading.Lock()
+        self.num_errors = self.num_failed = 0
+
+    def _chat(self, messages):
+        body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
+                           "max_tokens": self.max_tokens}).encode("utf-8")
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        try:
+            req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read().decode("utf-8"))["choices"][0]["message"]["content"]
+        except Exception as e:      # HTTP errors, timeouts, refused connections, malformed JSON
+            with self._lock:
+                self.num_errors += 1
+            log.warning("HTTPSummarizer: request to %s failed: %r", self.url, e)
+            return None
+
+    def _one(self, req):
+        text = self._chat(summary_messages(req, **self.prompt_kwargs))
+        skill = parse_skill(text)
+        if skill is None:
+            skill = parse_skill(self._chat(summary_messages(req, reminder=True, **self.prompt_kwargs)))
+        if skill is None:
+            with self._lock:
+                self.num_failed += 1
+        return skill
+
+    def summarize(self, requests):
+        with ThreadPoolExecutor(max_workers=max(1, self.max_workers)) as pool:
+            return list(pool.map(self._one, requests))
+
+
+_DIRECTIONS = ("up", "down", "left", "right")     # Sokoban actions 1..4
+
+
+class SokobanRuleSummarizer:
+    """Deterministic Sokoban skill from one episode (choice 4): wall bumps, corner deadlocks, loops, format errors."""
+
+    def __init__(self, max_items=3):
+        self.max_items = max_items
+        self.num_errors = 0
+
+    def summarize(self, requests):
+        return [_guarded(self, self.summarize_one, r) for r in requests]
+
+    def _replay(self, req):
+        """One record per env action: turn, action, moved, pushed, box_to, state (player, boxes) after, on_target."""
+        import numpy as np
+        import env_sokoban as es
+        fixed = np.asarray(req.extra["room_fixed"])
+        game = es.SokobanGame(fixed, np.asarray(req.extra["room_state"]), max_steps=10 ** 9)
+
+        def state():
+            boxes = np.argwhere(np.isin(game.room_state, (es.BOX, es.BOX_ON_TARGET)))
+            return game.player, tuple(sorted(tuple(int(x) for x in b) for b in boxes))
+
+        steps, start = [], state()
+        for turn, t in enumerate(req.trajectory, 1):
+            for a in t.get("actions") or ([t["action"]] if t.get("action") is not None else []):
+                if game.solved or not (isinstance(a, (int, np.integer)) and 1 <= a <= 4):
+                    break
+                before = state()
+                game.step(a)
+                after = state()
+                new_box = sorted(set(after[1]) - set(before[1]))
+                dr, dc = es.MOVES[a - 1]
+                ahead = (before[0][0] + dr, before[0][1] + dc)
+                wall = not (0 <= ahead[0] < fixed.shape[0] and 0 <= ahead[1] < fixed.shape[1]) \
+                    or fixed[ahead] == es.WALL
+                steps.append({"turn": turn, "action": a, "moved": after[0] != before[0], "pushed": bool(new_box),
+                              "box_to": new_box[0] if new_box else None, "wall": wall, "state": after,
+                              "on_target": game.boxes_on_target})
+        corner = {}
+        for s in steps:
+            if s["pushed"]:
+                r, c = s["box_to"]
+                blocked = [not (0 <= rr < fixed.shape[0] and 0 <= cc < fixed.shape[1]) or fixed[rr, cc] == es.WALL
+                           for rr, cc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1))]
+                corner[id(s)] = fixed[r, c] != es.TARGET and (blocked[0] or blocked[1]) and (blocked[2] or blocked[3])
+        n_start = int((np.asarray(req.extra["room_state"]) == es.BOX_ON_TARGET).sum())
+        return steps, start, corner, game.num_boxes, n_start
+
+    def summarize_one(self, req):
+        traj, res = req.trajectory, req.result or {}
+        if "room_fixed" in req.extra and "room_state" in req.extra:
+            steps, start, corner, n_boxes, n_start = self._replay(req)
+        else:   # no initial room: the trajectory's own flags only (no loop or deadlock detection)
+            steps = [{"turn": i, "action": t["action"], "moved": bool(t.get("moved")),
+                      "pushed": bool(t.get("box_moved")), "box_to": None, "wall": None, "state": None,
+                      "on_target": None}
+                     for i, t in enumerate(traj, 1) if t.get("action") is not None]
+            start, corner, n_boxes, n_start = None, {}, None, 0
+        success = bool(res.get("success"))
+        path, loops = _loop_free_path(steps, start)
+        placed = [s["turn"] for j, s in enumerate(steps) if s["on_target"] is not None
+                  and s["on_target"] > (steps[j - 1]["on_target"] if j else n_start)]
+        moves = sum(s["moved"] for s in steps)
+        if success:
+            good = f"Solved in {len(traj)} turns ({moves} moves); the plan below needs {len(path)} moves."
+        else:
+            final = steps[-1]["on_target"] if steps and steps[-1]["on_target"] is not None else n_start
+            good = (f"Not solved: {final}/{n_boxes} boxes on targets at the end after {moves} moves in {len(traj)} "
+                    f"turns." if n_boxes else f"Not solved after {moves} moves in {len(traj)} turns.")
+        good += (f" Pushing a box onto a target worked at turn(s) {_few(placed, 6)}." if placed
+                 else " No box reached a target.")
+        bad = self._mistakes(traj, steps, corner, loops) or [
+            "No wall bumps, corner deadlocks, loops or format errors."
+            + ("" if success else " The episode ended before every box was placed.")]
+        return Skill(good, "\n".join(bad), self._workflow(success, path, n_start, n_boxes))
+
+    def _mistakes(self, traj, steps, corner, loops):
+        k, bad = self.max_items, []
+        bumps = [s for s in steps if not s["moved"]]
+        what = {True: "walked into a wall", False: "pushed a box that cannot move", None: "was blocked"}
+        bad += [f"Turn {s['turn']}: {_DIRECTIONS[s['action'] - 1]} {what[s['wall']]} (nothing moved)."
+                for s in bumps[:k]]
+        bad += [f"(+{len(bumps) - k} more blocked moves.)"] if len(bumps) > k else []
+        dead = [s for s in steps if corner.get(id(s))]
+        bad += [f"Turn {s['turn']}: pushed a box {_DIRECTIONS[s['action'] - 1]} into the corner at "
+                f"(row {s['box_to'][0]}, col {s['box_to'][1]}), not a target: deadlock, that box can never reach "
+                f"a target." for s in dead[:k]]
+        bad += [(f"Turns {a + 1}-{b}" if b > a + 1 else f"Turn {b}") + ": loop, back to the position "
+                + (f"after turn {a}" if a else "of the start") + " (moves wasted)." for a, b in loops[:k]]
+        bad += [f"(+{len(loops) - k} more loops.)"] if len(loops) > k else []
+        invalid = [(i, t.get("error")) for i, t in enumerate(traj, 1) if not t.get("valid", True)]
+        if invalid:
+            bad.append(f"{len(invalid)} turn(s) with an invalid reply (turns {_few([i for i, _ in invalid], 6)}; "
+                       f"first error: {_clip(invalid[0][1], 120)}); always answer in the required action format.")
+        return bad
+
+    @staticmethod
+    def _workflow(success, path, n_start, n_boxes):
+        name = lambda s: _DIRECTIONS[s["action"] - 1] + (" (push the box)" if s["pushed"] else "")
+        if success:
+            return "Moves from the start (loops and bumps removed):\n" + _numbered(name(s) for s in path)
+        counts = [n_start] + [s["on_target"] if s["on_target"] is not None else 0 for s in path]
+        best = max(range(len(counts)), key=lambda j: (counts[j], -j))      # earliest state with the most boxes placed
+        if counts[best] > n_start:
+            return (f"No successful workflow yet. Best prefix so far ({counts[best]}/{n_boxes} boxes on targets):\n"
+                    + _numbered(name(s) for s in path[:best]))
+        return "No successful workflow yet. No move sequence placed a box on a target yet; avoid the mistakes above."
+
+
+def _loop_free_path(steps, start):
+    """The moves with every loop cut out (a revisited state rewinds the path) -> (path, [(first_turn, turn)]).
+    Bumps never change the state, so they never enter the path. Still a valid plan from the start."""
+    seen, path, loops = {start: 0}, [], []
+    for s in steps:
+        if not s["moved"]:
+            continue
+        if s["state"] is not None and s["state"] in seen:
+            first = seen[s["state"]]
+            loops.append((path[first - 1]["turn"] if first else 0, s["turn"]))
+            path = path[:first]
+            seen = {start: 0, **{p["state"]: j + 1 for j, p in enumerate(path)}}
+            continue
+        path.append(s)
+        if s["state"] is not None:
+            seen[s["state"]] = len(path)
+    return path, loops
+
+
+_CALL = re.compile(r"apis\.(\w+)\.(\w+)")
+
+
+class AppWorldRuleSummarizer:
+    """Deterministic AppWorld skill: the API calls that worked, the failed ones with their error lines, and the call
+    sequence of a success as the workflow (from turns with keys reply/code/observation/valid/error)."""
+
+    def __init__(self, max_items=5):
+        self.max_items = max_items
+        self.num_errors = 0
+
+    def summarize(self, requests):
+        return [_guarded(self, self.summarize_one, r) for r in requests]
+
+    def summarize_one(self, req):
+        worked, failed, no_code = [], [], []
+        for i, t in enumerate(req.trajectory, 1):
+            code, obs = t.get("code") or "", str(t.get("observation") or "")
+            if not code.strip():
+                no_code.append(i)
+                continue
+            calls = [f"{a}.{b}" for a, b in _CALL.findall(code)]
+            if obs.lstrip().startswith("Execution failed"):
+                lines = [x.strip() for x in obs.strip().splitlines() if x.strip()]
+                failed.append((i, calls, _clip(lines[-1] if lines else obs, 160)))
+            else:
+                worked += [c for c in calls if c not in worked]
+        res, k = req.result or {}, self.max_items
+        success = bool(res.get("success"))
+        head = "Task completed." if success else f"Not completed (completion {float(res.get('completion') or 0):.2f})."
+        good = head + (f" API calls that ran without error: {', '.join(worked)}." if worked
+                       else " No API call ran without error.")
+        bad = [f"Turn {i}: {', '.join(c) or 'code'} failed: {err}" for i, c, err in failed[:k]]
+        bad += [f"(+{len(failed) - k} more failed executions.)"] if len(failed) > k else []
+        if no_code:
+            bad.append(f"{len(no_code)} turn(s) without a code block (turns {_few(no_code, 6)}).")
+        if not bad:
+            bad = ["No failed calls." + ("" if success else " The task was still not solved: check the answer and "
+                                         "finish with apis.supervisor.complete_task.")]
+        if success:
+            flow = "API calls in order:\n" + _numbered(f"apis.{c}" for c in worked)
+        else:
+            flow = "No successful workflow yet." + (" Calls that worked so far:\n" + _numbered(
+                f"apis.{c}" for c in worked) if worked else "")
+        return Skill(good, "\n".join(bad), flow)
+
+
+class RuleBasedSummarizer:
+    """Dispatches each request to the rule summarizer of its env ("sokoban" | "appworld")."""
+
+    def __init__(self):
+        self.by_env = {"sokoban": SokobanRuleSummarizer(), "appworld": AppWorldRuleSummarizer()}
+
+    def summarize(self, requests):
+        out = []
+        for r in requests:
+            s = self.by_env.get(r.env)
+            if s is None:
+                log.warning("RuleBasedSummarizer: unknown env %r", r.env)
+            out.append(s.summarize([r])[0] if s else None)
+        return out
+
+
+def _guarded(owner, fn, req):
+    try:
+        return fn(req)
+    except Exception as e:   # a malformed trajectory costs its skill, not the training run; counted for the logs
+        owner.num_errors += 1
+        log.warning("%s failed on task %s: %r", type(owner).__name__, getattr(req, "task_id", "?"), e)
+        return None
+
+
+def _numbered(items):
+    return "\n".join(f"{i}. {x}" for i, x in enumerate(items, 1))
+
+
+def _few(xs, n):
+    return ", ".join(map(str, xs[:n])) + (f" and {len(xs) - n} more" if len(xs) > n else "")
+
+
+def make_summarizer(kind, env=None, model=None, tokenizer=None, base_url=None, http_model=None, api_key=None, **kw):
+    """kind "rule" (env "sokoban" | "appworld" | None = dispatch), "llm" (model + tokenizer from model.load), or
+    "http" (base_url + http_model)."""
+    if kind == "rule":
+        return {"sokoban": SokobanRuleSummarizer, "appworld": AppWorldRuleSummarizer,
+                None: RuleBasedSummarizer}[env](**kw)
+    if kind == "llm":
+        if model is None or tokenizer is None:
+            raise ValueError("make_summarizer('llm') needs model and tokenizer (model.load)")
+        return LLMSummarizer(model, tokenizer, **kw)
+    if kind == "http":
+        if not base_url or not http_model:
+            raise ValueError("make_summarizer('http') needs base_url and http_model")
+        return HTTPSummarizer(base_url, http_model, api_key=api_key, **kw)
+    raise ValueError(f"unknown summarizer kind {kind!r} (rule, llm, http)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Summarization off the critical path (choice 7)
+
+class AsyncSummarizer:
+    """submit(iteration, requests) queues a summary job; collect() returns the (task_id, Skill) pairs finished since
+    the last collect. synchronous=True runs each job inside submit (tests, determinism)."""
+
+    def __init__(self, summarizer, synchronous=False):
+        self.summarizer, self.synchronous = summarizer, synchronous
+        self._lock, self._done, self._closed = threading.Lock(), [], False
+        self.num_jobs = self.num_requests = self.num_skills = self.num_dropped = self.num_errors = 0
+        self._queue, self._thread = queue.Queue(), None
+        if not synchronous:
+            self._thread = threading.Thread(target=self._work, name="skill-summarizer", daemon=True)
+            self._thread.start()
+
+    def _run(self, iteration, requests):
+        try:
+            skills = self.summarizer.summarize(requests)
+            if len(skills) != len(requests):
+                raise RuntimeError(f"summarizer returned {len(skills)} skills for {len(requests)} requests")
+        except Exception:
+            log.exception("AsyncSummarizer: summary job of iteration %s failed", iteration)
+            with self._lock:
+                self.num_errors += 1
+            return
+        with self._lock:
+            for req, skill in zip(requests, skills):
+                if isinstance(skill, Skill):
+                    self._done.append((req.task_id, skill))
+                    self.num_skills += 1
+                else:
+                    self.num_dropped += 1
+
+    def _work(self):
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                self._run(*job)
+            finally:
+                self._queue.task_done()
+
+    def submit(self, iteration, requests=None):
+        """Queue the requests of one iteration. submit(requests) (design.md's one-argument form) also works."""
+        if requests is None:
+            iteration, requests = None, iteration
+        if self._closed:
+            raise RuntimeError("AsyncSummarizer is closed")
+        requests = list(requests)
+        self.num_jobs += 1
+        self.num_requests += len(requests)
+        if self.synchronous:
+            self._run(iteration, requests)
+        else:
+            self._queue.put((iteration, requests))
+
+    def collect(self, wait=False):
+        """The (task_id, Skill) pairs finished since the last call; wait=True first waits for every pending job."""
+        if wait:
+            self.wait()
+        with self._lock:
+            out, self._done = self._done, []
+        return out
+
+    def wait(self):
+        """Block until every submitted job is done (end of training, tests)."""
+        if self._thread is not None:
+            self._queue.join()
+
+    @property
+    def pending(self):
+        return 0 if self._thread is None else self._queue.unfinished_tasks
+
+    def stats(self):
+        return {"summary_jobs": self.num_jobs, "summary_requests": self.num_requests, "skills_made": self.num_skills,
+                "summaries_dropped": self.num_dropped, "summary_job_errors": self.num_errors,
+                "summary_pending": self.pending}
+
+    def close(self):
+        if self._thread is not None and not self._closed:
+            self._queue.put(None)
+            self._thread.join()
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The per-task skill bank with UCB retrieval (choice 5)
+
+class SkillBank:
+    """B(x) per task id. retrieve -> (skill_id, Skill) | None; update(task_id, skill_id, reward) credits the pick.
+
+    Each entry keeps: id (per-task counter, never reused, so a late update of an evicted skill is a no-op), the skill,
+    picks n(e), updates, reward_sum. UCB score = reward_sum / updates + c sqrt(ln N / n), N = retrievals of the task.
+    `seed` is stored with the bank for reproducibility bookkeeping only: retrieval has no randomness.
+    """
+
+    def __init__(self, capacity=16, c=math.sqrt(2), seed=0):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity, self.c, self.seed = int(capacity), float(c), int(seed)
+        self.tasks = {}     # task_id -> {"next_id": int, "retrievals": int, "entries": [entry, ...] oldest first}
+        self.counters = {"added": 0, "duplicates": 0, "evicted": 0, "retrievals": 0, "untried_picks": 0}
+
+    def _task(self, task_id):
+        return self.tasks.setdefault(str(task_id), {"next_id": 0, "retrievals": 0, "entries": []})
+
+    def add(self, task_id, skill):
+        """Append a skill; False for None or an exact duplicate (same to_prompt text) already in the bank."""
+        if not isinstance(skill, Skill):
+            return False
+        bank = self._task(task_id)
+        text = skill.to_prompt()
+        if any(e["skill"].to_prompt() == text for e in bank["entries"]):
+            self.counters["duplicates"] += 1
+            return False
+        bank["entries"].append({"id": bank["next_id"], "skill": skill, "picks": 0, "updates": 0, "reward_sum": 0.0})
+        bank["next_id"] += 1
+        self.counters["added"] += 1
+        if len(bank["entries"]) > self.capacity:
+            bank["entries"].pop(0)                              # FIFO: the oldest goes
+            self.counters["evicted"] += 1
+        return True
+
+    def skills(self, task_id):
+        return [(e["id"], e["skill"]) for e in self.tasks.get(str(task_id), {"entries": []})["entries"]]
+
+    def scores(self, task_id):
+        """UCB score per entry, oldest first (inf for untried); for logs and tests."""
+        bank = self.tasks.get(str(task_id))
+        if not bank:
+            return []
+        n_total = max(bank["retrievals"], 1)
+        return [math.inf if e["picks"] == 0 else
+                e["reward_sum"] / max(e["updates"], 1) + self.c * math.sqrt(math.log(n_total) / e["picks"])
+                for e in bank["entries"]]
+
+    def retrieve(self, task_id):
+        """Untried skills first, the newest of them; else argmax UCB, ties -> lowest index. None for an empty bank."""
+        bank = self.tasks.get(str(task_id))
+        if not bank or not bank["entries"]:
+            return None
+        entries = bank["entries"]
+        untried = [j for j, e in enumerate(entries) if e["picks"] == 0]
+        if untried:
+            j = untried[-1]
+            self.counters["untried_picks"] += 1
+        else:
+            bank["retrievals"] += 1                             # N counts this pick: ln N >= ln n always
+            scores = self.scores(task_id)
+            bank["retrievals"] -= 1
+            j = max(range(len(entries)), key=lambda i: (scores[i], -i))
+        bank["retrievals"] += 1
+        entries[j]["picks"] += 1
+        self.counters["retrievals"] += 1
+        return entries[j]["id"], entries[j]["skill"]
+
+    def best(self, task_id):
+        """Exploitation only (evaluation with skills): the highest mean reward among credited skills, ties -> lowest
+        index; the newest skill if none was credited yet; None for an empty bank."""
+        entries = self.tasks.get(str(task_id), {"entries": []})["entries"]
+        credited = [e for e in entries if e["updates"]]
+        if not credited:
+            return entries[-1]["skill"] if entries else None
+        return max(credited, key=lambda e: e["reward_sum"] / e["updates"])["skill"]   # first max = lowest index
+
+    def update(self, task_id, skill_id, reward):
+        """Credit a pick with the mean group reward of the rollouts it re-scored. False if the skill was evicted."""
+        for e in self.tasks.get(str(task_id), {"entries": []})["entries"]:
+            if e["id"] == skill_id:
+                e["updates"] += 1
+                e["reward_sum"] += float(reward)
+                return True
+        return False
+
+    def stats(self):
+        sizes = [len(b["entries"]) for b in self.tasks.values()]
+        r = self.counters["retrievals"]
+        return {"tasks": len(sizes), "skills": sum(sizes), "size_mean": sum(sizes) / max(len(sizes), 1),
+                "size_max": max(sizes, default=0), "untried_pick_rate": self.counters["untried_picks"] / max(r, 1),
+                **self.counters}
+
+    def to_json(self):
+        tasks = {t: {**b, "entries": [{**e, "skill": e["skill"].to_dict()} for e in b["entries"]]}
+                 for t, b in self.tasks.items()}
+        return json.dumps({"version": 1, "capacity": self.capacity, "c": self.c, "seed": self.seed,
+                           "counters": self.counters, "tasks": tasks}, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, s):
+        d = json.loads(s)
+        bank = cls(d["capacity"], d["c"], d.get("seed", 0))
+        bank.counters.update(d.get("counters", {}))
+        for t, b in d["tasks"].items():
+            bank.tasks[t] = {**b, "entries": [{**e, "skill": Skill.from_dict(e["skill"])} for e in b["entries"]]}
+        return bank
+
+    def save(self, path):
+        """Atomic: write path.tmp, then os.replace, so a crash never leaves half a checkpoint."""
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(self.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path):
+        with open(path, encoding="utf-8") as f:
+            return cls.from_json(f.read())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Teacher prompts (choice 6)
+
+def with_skill(messages, skill_text, header=SKILL_HEADER):
+    """Copy of messages with "header\\nskill_text\\n\\n" before the content of the first user message. skill_text
+    None or "" -> an unchanged copy (cold start: teacher prompt = student prompt)."""
+    out = copy.deepcopy(list(messages))
+    if not skill_text:
+        return out
+    for m in out:
+        if m.get("role") == "user":
+            m["content"] = f"{header}\n{skill_text}\n\n{m['content']}"
+            return out
+    raise ValueError("with_skill: the messages have no user message to put the skill in")
+
+
+def teacher_prompt_ids(tokenizer, messages, skill_text, header=SKILL_HEADER):
+    """Token ids of the teacher prompt = model.encode_prompt(with_skill(...))."""
+    from model import encode_prompt
+    return encode_prompt(tokenizer, with_skill(messages, skill_text, header))
+
+
+def privileged_block(text, max_chars=4000):
+    """OPD's fixed ground-truth context (ep.privileged_context(): Sokoban's optimal plan, AppWorld's solution code),
+    cut to max_chars; None when there is none (that task gets no teacher). Insert it with
+    with_skill(messages, privileged_block(text), header=PRIVILEGED_HEADER)."""
+    text = str(text).strip() if text is not None else ""
+    return _clip(text, max_chars) if text else None
+
+
+if __name__ == "__main__":
+    import env_sokoban as es
+    level = es.load_levels("paper", "train")[0]
+    ep = es.SokobanEpisode(level)
+    for a in (1, 3, 3, 4, 4) + tuple(level.optimal_plan):   # a wall bump, a loop, then the plan
+        if not ep.done:
+            ep.step(f"<think>demo</think><action>{_DIRECTIONS[a - 1]}</action>")
+    skill = SokobanRuleSummarizer().summarize([SummaryRequest.from_episode("sokoban", ep)])[0]
+    print(es.render(level.room_fixed, level.room_state), "\n", ep.result(), "\n", skill.to_prompt(), sep="")
+    bank = SkillBank()
+    bank.add(ep.task_id, skill)
+    print(bank.retrieve(ep.task_id)[0], bank.stats())
+    print(with_skill(ep.initial_messages(), skill.to_prompt())[1]["content"][:300])

@@ -1,0 +1,578 @@
+"""train.py — Skill-SD: GRPO plus skill-conditioned self-distillation, one readable loop.
+
+Paper: Skill-SD (Wang et al., 2026), Algorithm 1 and Eq. 10–14; method.md §2 is the spec this file follows. One
+iteration, top to bottom (the phase functions below carry the same numbers):
+
+  1. sync the teacher        θ̄ ← θ. The dynamic teacher needs no copy: its log-probs are taken with this iteration's
+                             pre-update weights (θ_old). The "frozen" ablation keeps θ₀ in a second model.
+  2. pick tasks              a curriculum over the training levels (Sokoban), uniform otherwise.
+  3. roll out                G episodes per task by the student under the plain prompt (KV-cached, model.rollout).
+  4. reward and advantage    completion rate per episode, group-normalised (loss.group_advantages).
+  5. retrieve skills         one skill per task from its bank by UCB (skills.SkillBank); cold tasks get no teacher.
+  6. teacher re-scoring      the same network with the skill in its prompt scores the student's identical tokens.
+  7. update                  PPO-style mini-batch steps on L_GRPO + λ·L_SDL (loss.py), gradient accumulation.
+  8. summarise               completed trajectories → skills → the bank, available from the next iteration.
+  9. log                     one JSONL line per iteration; periodic held-out evaluation; atomic checkpoints.
+
+Methods and ablations (method.md §7) share every line above and differ only in who samples, what each prompt holds
+and which loss terms are on:
+  --method skill-sd     student samples (plain); teacher = skill + θ_old; GRPO + λ·SDL          (the paper)
+  --method grpo         student samples (plain); no teacher; GRPO                                (Vanilla GRPO)
+  --method opd          student samples (plain); teacher = ground truth + θ_old; SDL only       (Vanilla OPD)
+  --method skill-grpo   student samples WITH the skill in its prompt; GRPO; evaluated without    (Skill-augmented GRPO)
+  --teacher-weights frozen     the teacher keeps the initial weights θ₀                          (ablation)
+  --rollout-by teacher         the skill-conditioned teacher samples, ρ^off = π_θ / sg(π_teacher)   (ablation)
+  --teacher-context ground-truth    the privileged block instead of a skill
+  --lam                        the SDL weight λ (paper: 0.001)
+
+Deviations and choices (numbered; README refers to them):
+  1. Skills are summarised by a deterministic rule-based summariser when the model is the built-in tiny one (it
+     cannot write JSON), by the policy itself otherwise (the paper used an external model, Seed1.8); --summarizer.
+  2. Summarisation is synchronous by default so that runs are reproducible and --resume is exact; a separate
+     summariser model or HTTP endpoint can run in a worker thread (--async-summarizer).
+  3. On CUDA the weights stay fp32 and forward passes run under bf16 autocast: AdamW steps of ~1e-6 vanish in bf16.
+  4. The tiny model gets a "tiny profile" of defaults (shorter runs, larger lr, shorter replies) unless the flag is
+     given explicitly; the paper's values apply to every other model.
+
+Run:
+  python train.py --env sokoban                          # Skill-SD, built-in tiny model, CPU
+  python train.py --env sokoban --method grpo --seed 1
+  python train.py --env sokoban --model Qwen/Qwen3-4B-Instruct-2507 --run-dir runs/qwen3-4b
+  python train.py --resume runs/skill-sd-sokoban-s0      # continue a run from its last checkpoint
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import loss as loss_lib
+import model as model_lib
+import skills as skills_lib
+from eval import Env, evaluate, make_env, task_key
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hyperparameters: one dataclass; every default says where it comes from
+
+def opt(default, help):  # a dataclass field that carries its argparse help text
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # what to run
+    env: str = opt("sokoban", "sokoban | appworld")
+    method: str = opt("skill-sd", "skill-sd | grpo | opd | skill-grpo (method.md §7)")
+    model: str = opt("tiny", "HF id or local path; 'tiny' = built-in random-init model (ours)")
+    run_dir: str = opt("", "output folder; default runs/<method>-<env>-s<seed>")
+    seed: int = opt(0, "seed of task order, sampling and summaries")
+    iterations: int = opt(180, "training iterations; paper Sokoban ≈180, AppWorld ≈300 (curves, method.md §8)")
+    # tasks and rollouts
+    preset: str = opt("paper", "Sokoban level set: paper (6x6, 2 boxes) | easy (6x6, 1 box)")
+    tasks_per_iter: int = opt(8, "tasks per iteration; 8 x 8 = the paper preset of the GPU issue (SDAR uses 16)")
+    group_size: int = opt(8, "G rollouts per task; verl-agent, SDPO, TRL use 8")
+    max_turns: int = opt(40, "turns per episode; paper: 40")
+    temperature: float = opt(1.0, "sampling temperature in training; TRL/SDPO default 1.0")
+    max_new_tokens: int = opt(256, "tokens per reply; method.md §10 (Sokoban 256, AppWorld 512)")
+    format_penalty: float = opt(0.0, "reward penalty per invalid turn; ours 0, RAGEN/verl-agent 0.1")
+    reward: str = opt("completion", "completion | success | gym; paper trains on the completion rate")
+    curriculum: bool = opt(True, "Sokoban: 3 difficulty buckets unlocked in order (ours, method.md §10)")
+    # optimisation
+    lr: float = opt(1e-6, "AdamW learning rate; verl-agent / TRL GRPO scripts")
+    weight_decay: float = opt(0.0, "AdamW weight decay; verl")
+    grad_clip: float = opt(1.0, "global grad-norm clip; tiny-grpo, verl")
+    mini_batches: int = opt(2, "optimizer steps per iteration (so ρ ≠ 1 on the second); PPO practice")
+    epochs: int = opt(1, "passes over the rollouts per iteration; PPO practice")
+    micro_batch_size: int = opt(8, "rows per forward (gradient accumulation; memory only, not the math)")
+    clip_low: float = opt(0.2, "PPO ε_low; DAPO clip-higher")
+    clip_high: float = opt(0.28, "PPO ε_high; DAPO clip-higher")
+    lam: float = opt(1e-3, "λ, weight of L_SDL; paper Eq. 14")
+    # teacher and ablations
+    teacher_weights: str = opt("dynamic", "dynamic (θ̄ = θ_old every iteration, paper) | frozen (θ₀)")
+    rollout_by: str = opt("student", "student (paper) | teacher (off-policy ablation)")
+    teacher_context: str = opt("", "skill | ground-truth; default from --method")
+    # skills
+    summarizer: str = opt("auto", "auto | rule | policy | model | http (choice 1)")
+    summarizer_model: str = opt("", "HF id/path of a separate summariser model (--summarizer model)")
+    summarizer_url: str = opt("", "OpenAI-compatible base URL (--summarizer http)")
+    summarizer_name: str = opt("", "model name sent to the HTTP endpoint")
+    async_summarizer: bool = opt(False, "summarise in a worker thread (choice 2)")
+    skills_per_group: int = opt(0, "trajectories summarised per group; 0 = all G (paper)")
+    bank_capacity: int = opt(16, "skills kept per task, FIFO; ours (method.md §4.2)")
+    ucb_c: float = opt(math.sqrt(2), "UCB exploration constant; UCB1")
+    # evaluation, logging, checkpoints
+    eval_every: int = opt(20, "held-out evaluation every k iterations (0 = only at the start and end)")
+    train_tasks: int = opt(0, "train on the first k training tasks only; 0 = all (paper: 96 Sokoban, 90 AppWorld)")
+    eval_samples: int = opt(1, "episodes per test task; paper 1 (greedy)")
+    eval_tasks: int = opt(0, "evaluate on the first k test tasks; 0 = all (paper: 64 Sokoban, 57 AppWorld)")
+    save_every: int = opt(20, "checkpoint every k iterations (and at the end)")
+    resume: str = opt("", "run directory to continue from its last checkpoint")
+    # devices
+    device: str = opt("", "cpu | cuda | mps; default: best available")
+    grad_checkpointing: bool = opt(False, "trade compute for activation memory (real models on a GPU)")
+    appworld_root: str = opt("", "AppWorld: $APPWORLD_ROOT holding data/")
+    appworld_slots: int = opt(0, "AppWorld: environment servers; 0 = tasks x G, one per live episode (no replays)")
+    collapse_stop: bool = opt(False, "stop the run when a collapse is detected (it is always reported)")
+
+
+TINY_PROFILE = dict(iterations=30, lr=1e-4, max_new_tokens=24, eval_every=10, save_every=10)  # choice 4
+METHOD_CONTEXT = {"skill-sd": "skill", "opd": "ground-truth", "grpo": "none", "skill-grpo": "none"}
+
+
+def parse_args(argv=None) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        name = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            p.add_argument(name, type=kind, default=None, help=f.metadata["help"] + f" (default {f.default})")
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    if given.get("resume"):  # a resumed run takes its saved config; flags given now override it
+        path = os.path.join(given["resume"], "config.json")
+        if not os.path.exists(path):
+            raise SystemExit(f"--resume {given['resume']}: no checkpoint found (no config.json there)")
+        saved = json.load(open(path))
+        cfg = TrainConfig(**{**saved, **given, "run_dir": given["resume"]})
+    else:
+        base = TINY_PROFILE if given.get("model", "tiny") == "tiny" else {}
+        cfg = TrainConfig(**{**base, **given})
+    return validate(cfg)
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    choices = {"env": ("sokoban", "appworld"), "method": tuple(METHOD_CONTEXT), "reward": ("completion", "success",
+               "gym"), "teacher_weights": ("dynamic", "frozen"), "rollout_by": ("student", "teacher"),
+               "teacher_context": ("", "skill", "ground-truth"),
+               "summarizer": ("auto", "rule", "policy", "model", "http"), "preset": ("paper", "easy")}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise SystemExit(f"--{key.replace('_', '-')} {getattr(cfg, key)!r}: choose one of {allowed}")
+    if not cfg.teacher_context:
+        cfg.teacher_context = METHOD_CONTEXT[cfg.method]
+    if cfg.rollout_by == "teacher" and cfg.teacher_context == "none":
+        raise SystemExit("--rollout-by teacher needs a teacher: use --method skill-sd or opd")
+    if cfg.group_size < 2:
+        raise SystemExit("--group-size must be at least 2 (GRPO normalises within a group)")
+    if cfg.summarizer == "auto":
+        cfg.summarizer = "rule" if cfg.model == "tiny" else "policy"
+    if not cfg.run_dir:
+        cfg.run_dir = os.path.join("runs", f"{cfg.method}-{cfg.env}-s{cfg.seed}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Setup helpers
+
+def pick_device(name: str) -> torch.device:
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA with fp32 master weights (choice 3); plain fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+class Curriculum:
+    """Sokoban levels sorted by optimal length into buckets; the next bucket unlocks when the training success rate
+    reaches `threshold` or after `patience` iterations (method.md §10, our choice)."""
+
+    def __init__(self, tasks: list, buckets: int = 3, threshold: float = 0.6, patience: int = 60, enabled=True):
+        self.tasks, self.threshold, self.patience = tasks, threshold, patience
+        self.bucket_size = math.ceil(len(tasks) / buckets) if enabled else len(tasks)
+        self.unlocked, self.since = self.bucket_size, 0
+
+    def pool(self) -> list:
+        return self.tasks[: self.unlocked]
+
+    def update(self, success_rate: float) -> None:
+        self.since += 1
+        if self.unlocked < len(self.tasks) and (success_rate >= self.threshold or self.since >= self.patience):
+            self.unlocked, self.since = min(len(self.tasks), self.unlocked + self.bucket_size), 0
+
+    def state(self) -> dict:
+        return {"unlocked": self.unlocked, "since": self.since}
+
+    def load(self, s: dict) -> None:
+        self.unlocked, self.since = s["unlocked"], s["since"]
+
+
+class CollapseMonitor:
+    """Flags a reward cliff (reward EMA below half its best after being ≥ 0.1) or a format-rate cliff (format errors
+    above 50% after having been below 20%); RAGEN's and SDPO's collapses looked like this (method.md §11)."""
+
+    def __init__(self, decay: float = 0.8):
+        self.decay, self.ema, self.best, self.best_format = decay, None, 0.0, 1.0
+
+    def update(self, reward: float, format_rate: float) -> str:
+        self.ema = reward if self.ema is None else self.decay * self.ema + (1 - self.decay) * reward
+        self.best, self.best_format = max(self.best, self.ema), min(self.best_format, format_rate)
+        if self.best >= 0.1 and self.ema < 0.5 * self.best:
+            return f"reward collapse: EMA {self.ema:.3f} vs best {self.best:.3f}"
+        if self.best_format < 0.2 and format_rate > 0.5:
+            return f"format collapse: {format_rate:.0%} invalid turns (best {self.best_format:.0%})"
+        return ""
+
+
+def make_summarizer(cfg: TrainConfig, model, tokenizer):
+    if cfg.summarizer == "rule":
+        inner = skills_lib.make_summarizer("rule", cfg.env)
+    elif cfg.summarizer == "policy":
+        inner = skills_lib.LLMSummarizer(model, tokenizer)
+    elif cfg.summarizer == "model":
+        if not cfg.summarizer_model:
+            raise SystemExit("--summarizer model needs --summarizer-model <HF id or path>")
+        inner = skills_lib.LLMSummarizer(*model_lib.load(cfg.summarizer_model))
+    else:
+        if not cfg.summarizer_url:
+            raise SystemExit("--summarizer http needs --summarizer-url (an OpenAI-compatible base URL)")
+        inner = skills_lib.HTTPSummarizer(cfg.summarizer_url, cfg.summarizer_name or "default")
+    # the policy summariser shares the weights being trained, so it never runs in a thread (choice 2)
+    synchronous = not cfg.async_summarizer or cfg.summarizer in ("rule", "policy")
+    return skills_lib.AsyncSummarizer(inner, synchronous=synchronous)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Phases of one iteration
+
+def pick_tasks(curriculum: Curriculum, n: int, rng: np.random.Generator) -> list:
+    """Phase 2: n distinct tasks from the unlocked pool (with replacement only if the pool is smaller)."""
+    pool = curriculum.pool()
+    idx = rng.choice(len(pool), size=n, replace=len(pool) < n)
+    return [pool[i] for i in idx]
+
+
+def retrieve_skills(cfg, bank, env_tasks: list) -> dict:
+    """Phase 5: one skill (or ground-truth block) per task: task_id -> (skill_id, text, header) or None."""
+    chosen = {}
+    for task, ep in env_tasks:
+        tid = task_key(task)
+        if cfg.teacher_context == "ground-truth":
+            gt = ep.privileged_context()
+            block = skills_lib.privileged_block(gt)
+            chosen[tid] = (None, block, skills_lib.PRIVILEGED_HEADER) if block else None
+        elif cfg.teacher_context == "skill" or cfg.method == "skill-grpo":
+            hit = bank.retrieve(tid)
+            chosen[tid] = (hit[0], hit[1].to_prompt(), skills_lib.SKILL_HEADER) if hit else None
+        else:
+            chosen[tid] = None
+    return chosen
+
+
+def ledger_tensors(ledgers, device) -> tuple[torch.Tensor, int]:
+    """The trainable mask in the ledger frame (B, T); built from the ledger's flags, never from token ids."""
+    T = max(len(l.ids) for l in ledgers)
+    mask = torch.zeros(len(ledgers), T, device=device)                    # (B, T)
+    for b, l in enumerate(ledgers):
+        mask[b, : len(l.trainable)] = torch.tensor(l.trainable, dtype=torch.float32, device=device)
+    return mask, T
+
+
+def ppo_update(cfg, model, optimizer, ledgers, student_prompts, adv, logp_old, logp_teacher, has_teacher, device,
+               rng: np.random.Generator) -> dict:
+    """Phase 7: mini-batch steps on L_GRPO + λ·L_SDL with gradient accumulation over micro-batches.
+
+    All per-token tensors live in the ledger frame (column j = ledger token j), whatever prompt each was scored under.
+    """
+    mask, T = ledger_tensors(ledgers, device)                              # (B, T)
+    sdl_mask = mask * has_teacher[:, None]                                 # (B, T) tokens that have a teacher
+    B = len(ledgers)
+    stats = {"loss_grpo": [], "loss_sdl": [], "grad_norm": [], "skipped_steps": 0}
+    diag = []
+    model.train()
+    for _ in range(cfg.epochs):
+        order = rng.permutation(B)
+        for mb in np.array_split(order, cfg.mini_batches):
+            n_tokens = float(mask[mb].sum())                              # N: the token-mean normaliser (verl)
+            if n_tokens == 0:
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            sums, finite = {"grpo": 0.0, "sdl": 0.0}, True
+            for start in range(0, len(mb), cfg.micro_batch_size):
+                rows = mb[start: start + cfg.micro_batch_size]
+                Tm = max(len(ledgers[i].ids) for i in rows)
+                with autocast(device):
+                    logp = model_lib.score_under_prompt(model, [ledgers[i] for i in rows],
+                                                        [student_prompts[i] for i in rows], grad=True)  # (b, Tm)
+                logp = logp.float()
+                m, old, tea = mask[rows, :Tm], logp_old[rows, :Tm], logp_teacher[rows, :Tm]
+                a, sm = adv[rows], sdl_mask[rows, :Tm]
+                if cfg.rollout_by == "teacher":   # off-policy ablation: the teacher is the behaviour policy
+                    l_grpo, l_sdl = loss_lib.offpolicy_losses(logp, tea, a, m, sm, cfg.clip_low, cfg.clip_high,
+                                                              num_tokens=n_tokens)
+                else:
+                    l_grpo = loss_lib.grpo_loss(logp, old, a, m, cfg.clip_low, cfg.clip_high, num_tokens=n_tokens)
+                    l_sdl = loss_lib.sdl_loss(logp, old, tea, sm, num_tokens=n_tokens)
+                if cfg.method == "opd":
+                    total = l_sdl                                          # distillation only (method.md §7)
+                elif cfg.teacher_context == "none":
+                    total = l_grpo
+                else:
+                    total = l_grpo + cfg.lam * l_sdl                       # Eq. 14
+                if not torch.isfinite(total):
+                    finite = False
+                    break
+                total.backward()
+                sums["grpo"] += l_grpo.item()
+                sums["sdl"] += l_sdl.item()
+                diag.append(loss_lib.diagnostics(logp.detach(), old, tea, m, cfg.clip_low, cfg.clip_high,
+                                                 sdl_mask=sm))
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if not finite or not torch.isfinite(grad_norm):
+                optimizer.zero_grad(set_to_none=True)                      # guard: skip the step, log it
+                stats["skipped_steps"] += 1
+                continue
+            optimizer.step()
+            stats["loss_grpo"].append(sums["grpo"])
+            stats["loss_sdl"].append(sums["sdl"])
+            stats["grad_norm"].append(float(grad_norm))
+    out = {k: (float(np.mean(v)) if v else float("nan")) if isinstance(v, list) else v for k, v in stats.items()}
+    for key in (diag[0] if diag else {}):
+        vals = [d[key] for d in diag if d.get(key) is not None and not math.isnan(d[key])]
+        out[key] = max(vals) if key.endswith("max") else (float(np.mean(vals)) if vals else float("nan"))
+    return out
+
+
+def summary_requests(cfg, env_name, tasks_eps, rng) -> list:
+    """Phase 8 input: completed trajectories (up to skills_per_group per group), success or failure alike."""
+    k = cfg.skills_per_group or cfg.group_size
+    reqs = []
+    for g in range(0, len(tasks_eps), cfg.group_size):
+        group = tasks_eps[g: g + cfg.group_size]
+        for i in sorted(rng.choice(len(group), size=min(k, len(group)), replace=False)):
+            task, ep = group[i]
+            reqs.append(skills_lib.SummaryRequest.from_episode(env_name, ep))
+    return reqs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints: HF weights + optimizer + skill bank + RNG states + iteration, written atomically
+
+def save_checkpoint(run_dir, model, tokenizer, optimizer, bank, state: dict) -> None:
+    final, tmp, old = (os.path.join(run_dir, n) for n in ("ckpt", "ckpt.tmp", "ckpt.old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(os.path.join(tmp, "model"))        # loadable by plain AutoModelForCausalLM
+    tokenizer.save_pretrained(os.path.join(tmp, "model"))
+    bank.save(os.path.join(tmp, "skill_bank.json"))
+    torch.save({"optimizer": optimizer.state_dict(), **state}, os.path.join(tmp, "trainer_state.pt"))
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.replace(final, old)            # the last good checkpoint survives a crash between these two renames
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_dir(run_dir: str) -> str:
+    for name in ("ckpt", "ckpt.old"):
+        path = os.path.join(run_dir, name)
+        if os.path.exists(os.path.join(path, "trainer_state.pt")):
+            return path
+    raise SystemExit(f"--resume {run_dir}: no checkpoint found (expected {run_dir}/ckpt/trainer_state.pt)")
+
+
+def rng_state(rng, gen) -> dict:
+    return {"numpy": rng.bit_generator.state, "sampling": gen.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(rng, gen, s: dict) -> None:
+    rng.bit_generator.state = s["numpy"]
+    gen.set_state(s["sampling"])
+    torch.set_rng_state(s["torch"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop
+
+def train(cfg: TrainConfig) -> dict:
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    ckpt = checkpoint_dir(cfg.run_dir) if cfg.resume else None
+    model, tokenizer = model_lib.load(os.path.join(ckpt, "model") if ckpt else cfg.model, device=device,
+                                      dtype=torch.float32)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    # θ₀ for the frozen-teacher ablation: a second copy, reloaded from the base model (not from the checkpoint)
+    frozen = model_lib.load(cfg.model, device=device, dtype=torch.float32)[0].eval() \
+        if cfg.teacher_weights == "frozen" and cfg.teacher_context != "none" else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    env: Env = make_env(cfg.env, cfg.preset, cfg.max_turns, cfg.format_penalty, cfg.reward,
+                        appworld_root=cfg.appworld_root or None,
+                        appworld_slots=cfg.appworld_slots or cfg.tasks_per_iter * cfg.group_size)
+    bank = skills_lib.SkillBank(capacity=cfg.bank_capacity, c=cfg.ucb_c)
+    summarizer = make_summarizer(cfg, model, tokenizer)
+    train_pool = env.train_tasks[: cfg.train_tasks] if cfg.train_tasks else env.train_tasks
+    curriculum = Curriculum(train_pool, enabled=cfg.curriculum and cfg.env == "sokoban")
+    monitor = CollapseMonitor()
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sampling = model_lib.SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+    start_it = 0
+    if ckpt:
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        bank = skills_lib.SkillBank.load(os.path.join(ckpt, "skill_bank.json"))
+        curriculum.load(state["curriculum"])
+        set_rng_state(rng, gen, state["rng"])
+        monitor.__dict__.update(state["monitor"])
+        start_it = state["iteration"]
+        for name in ("log.jsonl", "eval.jsonl"):   # drop log lines written after the checkpoint (a crashed tail)
+            path = os.path.join(cfg.run_dir, name)
+            rows = [r for r in _read_jsonl(path) if r["iteration"] <= start_it]
+            with open(path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[train] {cfg.method} on {cfg.env} | model {cfg.model} ({n_params / 1e6:.2f}M params) on {device} | "
+          f"{cfg.tasks_per_iter} tasks x G={cfg.group_size} | λ={cfg.lam} | run dir {cfg.run_dir}")
+
+    def run_eval(iteration: int):
+        t0 = time.time()
+        tasks = env.test_tasks[: cfg.eval_tasks] if cfg.eval_tasks else env.test_tasks
+        m = evaluate(model, tokenizer, env, tasks, samples=cfg.eval_samples, temperature=0.0,
+                     max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        row = {"iteration": iteration, **{k: v for k, v in m.items() if k != "per_task_success"},
+               "seconds": time.time() - t0}
+        with open(os.path.join(cfg.run_dir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+    if start_it == 0:
+        base = run_eval(0)
+        print(f"[eval] base: Acc {100 * base['acc']:.1f}%  Comp {100 * base['comp']:.1f}%")
+    bar = tqdm(range(start_it, cfg.iterations), initial=start_it, total=cfg.iterations, desc=cfg.method)
+    last, collapse = {}, ""
+    for it in bar:
+        times = {}
+        # 1. sync the teacher: the dynamic teacher IS `model` until this iteration's first optimizer step
+        teacher = frozen if frozen is not None else model
+        # 2. pick tasks
+        tasks = pick_tasks(curriculum, cfg.tasks_per_iter, rng)
+        tasks_eps = [(t, env.new_episode(t)) for t in tasks for _ in range(cfg.group_size)]   # B = tasks x G
+        episodes = [ep for _, ep in tasks_eps]
+        plain = [ep.initial_messages() for ep in episodes]
+        # 5 (before sampling, because skill-grpo and teacher-owned rollouts put the skill in the sampling prompt)
+        for new in summarizer.collect():            # skills summarised earlier become available now
+            bank.add(*new)
+        chosen = retrieve_skills(cfg, bank, tasks_eps[:: cfg.group_size])
+        block = [chosen[task_key(t)] for t, _ in tasks_eps]                # (skill_id, text, header) or None
+        with_skill = [skills_lib.with_skill(m, c[1], header=c[2]) if c else m for m, c in zip(plain, block)]
+        # 3. roll out (who samples, under which prompt, is the only difference between the ablations here)
+        t0 = time.time()
+        if cfg.method == "skill-grpo":
+            sample_prompts, sampler = with_skill, model
+        elif cfg.rollout_by == "teacher":
+            sample_prompts, sampler = with_skill, teacher
+        else:
+            sample_prompts, sampler = plain, model
+        sampler.eval()
+        with torch.no_grad(), autocast(device):
+            ledgers = model_lib.rollout(sampler, tokenizer, episodes, sampling, generator=gen, prompts=sample_prompts,
+                                        step_fn=env.step_fn, max_context=env.max_context)
+        times["rollout"] = time.time() - t0
+        # 4. rewards and group advantages
+        results = [ep.result() for ep in episodes]
+        rewards = torch.tensor([r["reward"] for r in results], dtype=torch.float32)          # (B,)
+        adv, zero_var = loss_lib.group_advantages(rewards, cfg.group_size)                  # (B,), int
+        adv = adv.to(device)
+        # 6. teacher re-scoring of the identical tokens, and log π_old by a full forward (not sampling-time logits)
+        t0 = time.time()
+        student_prompts = [model_lib.encode_prompt(tokenizer, m) for m in
+                           (with_skill if cfg.method == "skill-grpo" else plain)]
+        teacher_prompts = [model_lib.encode_prompt(tokenizer, m) for m in with_skill]
+        has_teacher = torch.tensor([c is not None and cfg.teacher_context != "none" for c in block],
+                                   dtype=torch.float32, device=device)                           # (B,)
+        model.eval()
+        with torch.no_grad(), autocast(device):
+            logp_old = model_lib.score_under_prompt(model, ledgers, student_prompts).float()     # (B, T)
+            if cfg.teacher_context != "none" and has_teacher.any():
+                logp_teacher = model_lib.score_under_prompt(teacher, ledgers, teacher_prompts).float()  # (B, T)
+            else:
+                logp_teacher = logp_old.clone()
+        times["teacher"] = time.time() - t0
+        # 7. update
+        t0 = time.time()
+        upd = ppo_update(cfg, model, optimizer, ledgers, student_prompts, adv, logp_old, logp_teacher, has_teacher,
+                         device, rng)
+        times["update"] = time.time() - t0
+        # 8. summarise completed trajectories (skills reach the bank from the next iteration) + bandit update
+        t0 = time.time()
+        summarizer.submit(it, summary_requests(cfg, cfg.env, tasks_eps, rng))
+        for t in tasks[:: 1]:
+            hit = chosen.get(task_key(t))
+            if hit and hit[0] is not None:
+                group = [r for (tt, _), r in zip(tasks_eps, rewards.tolist()) if task_key(tt) == task_key(t)]
+                bank.update(task_key(t), hit[0], float(np.mean(group)))
+        times["summarize"] = time.time() - t0
+        # 9. log
+        success = float(np.mean([r["success"] for r in results]))
+        turns = sum(r["turns"] for r in results)
+        fmt_rate = sum(r["format_errors"] for r in results) / max(1, turns)
+        curriculum.update(success)
+        collapse = monitor.update(float(rewards.mean()), fmt_rate)
+        n_trainable = [sum(l.trainable) for l in ledgers]
+        row = {"iteration": it + 1, "reward": float(rewards.mean()), "acc": success,
+               "comp": float(np.mean([r["completion"] for r in results])), **upd,
+               "zero_var_groups": zero_var, "groups": len(tasks), "format_error_rate": fmt_rate,
+               "teacher_task_frac": float(has_teacher.mean()),
+               "skill_in_prompt_frac": float(np.mean([c is not None for c in block])) if cfg.method == "skill-grpo"
+               else 0.0, "episode_turns": turns / len(results),
+               "episode_tokens": float(np.mean([len(l.ids) for l in ledgers])),
+               "reply_tokens_per_turn": sum(n_trainable) / max(1, turns),
+               "truncated": sum(l.truncated for l in ledgers), "bank": bank.stats(), "summarizer": summarizer.stats(),
+               "curriculum_unlocked": curriculum.unlocked, "collapse": collapse,
+               **{f"time_{k}": v for k, v in times.items()}}
+        if cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iterations:
+            row["eval_acc"] = run_eval(it + 1)["acc"]
+        with open(os.path.join(cfg.run_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.set_postfix(R=f"{row['reward']:.2f}", acc=f"{success:.2f}", sdl=f"{upd['loss_sdl']:.3g}",
+                        bank=row["bank"].get("skills", 0))
+        if collapse:
+            tqdm.write(f"[collapse] iteration {it + 1}: {collapse}")
+        if (cfg.save_every and (it + 1) % cfg.save_every == 0) or it + 1 == cfg.iterations:
+            for new in summarizer.collect(wait=True):   # pending skills belong in the checkpoint
+                bank.add(*new)
+            save_checkpoint(cfg.run_dir, model, tokenizer, optimizer, bank,
+                            {"iteration": it + 1, "rng": rng_state(rng, gen), "curriculum": curriculum.state(),
+                             "monitor": dict(monitor.__dict__), "config": dataclasses.asdict(cfg)})
+        last = row
+        if collapse and cfg.collapse_stop:
+            tqdm.write("[collapse] stopping (--collapse-stop)")
+            break
+    final = run_eval(cfg.iterations if not (collapse and cfg.collapse_stop) else last.get("iteration", 0))
+    summarizer.close()
+    env.close()
+    print(f"[eval] final: Acc {100 * final['acc']:.1f}%  Comp {100 * final['comp']:.1f}%  ({cfg.run_dir})")
+    return {"train": last, "eval": final}
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    from eval import read_jsonl
+    return read_jsonl(path)
+
+
+if __name__ == "__main__":
+    train(parse_args(sys.argv[1:]))
