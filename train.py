@@ -96,7 +96,8 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "global grad-norm clip; tiny-grpo, verl")
     mini_batches: int = opt(2, "optimizer steps per iteration (so ρ ≠ 1 on the second); PPO practice")
     epochs: int = opt(1, "passes over the rollouts per iteration; PPO practice")
-    micro_batch_size: int = opt(8, "rows per forward (gradient accumulation; memory only, not the math)")
+    micro_batch_size: int = opt(0, "rows per forward (gradient accumulation; memory only, not the math); 0 = auto: "
+                                   "1 on CPU (no padding lets SDPA use its O(T)-memory causal kernel), 8 on GPU")
     clip_low: float = opt(0.2, "PPO ε_low; DAPO clip-higher")
     clip_high: float = opt(0.28, "PPO ε_high; DAPO clip-higher")
     lam: float = opt(1e-3, "λ, weight of L_SDL; paper Eq. 14")
@@ -169,6 +170,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit("--rollout-by teacher needs a teacher: use --method skill-sd or opd")
     if cfg.group_size < 2:
         raise SystemExit("--group-size must be at least 2 (GRPO normalises within a group)")
+    if cfg.micro_batch_size <= 0:
+        cfg.micro_batch_size = 1 if pick_device(cfg.device).type == "cpu" else 8
     if cfg.summarizer == "auto":
         cfg.summarizer = "rule" if cfg.model == "tiny" else "policy"
     if not cfg.run_dir:
@@ -506,9 +509,11 @@ def train(cfg: TrainConfig) -> dict:
                                    dtype=torch.float32, device=device)                           # (B,)
         model.eval()
         with torch.no_grad(), autocast(device):
-            logp_old = model_lib.score_under_prompt(model, ledgers, student_prompts).float()     # (B, T)
+            logp_old = model_lib.score_under_prompt(model, ledgers, student_prompts,
+                                                    micro_batch_size=cfg.micro_batch_size).float()  # (B, T)
             if cfg.teacher_context != "none" and has_teacher.any():
-                logp_teacher = model_lib.score_under_prompt(teacher, ledgers, teacher_prompts).float()  # (B, T)
+                logp_teacher = model_lib.score_under_prompt(teacher, ledgers, teacher_prompts,
+                                                            micro_batch_size=cfg.micro_batch_size).float()  # (B, T)
             else:
                 logp_teacher = logp_old.clone()
         times["teacher"] = time.time() - t0
