@@ -511,7 +511,7 @@ def train(cfg: TrainConfig) -> dict:
         with torch.no_grad(), autocast(device):
             logp_old = model_lib.score_under_prompt(model, ledgers, student_prompts,
                                                     micro_batch_size=cfg.micro_batch_size).float()  # (B, T)
-            if cfg.teacher_context != "none" and has_teacher.any():
+            if cfg.teacher_context != "none" and (has_teacher.any() or cfg.rollout_by == "teacher"):
                 logp_teacher = model_lib.score_under_prompt(teacher, ledgers, teacher_prompts,
                                                             micro_batch_size=cfg.micro_batch_size).float()  # (B, T)
             else:
@@ -525,11 +525,10 @@ def train(cfg: TrainConfig) -> dict:
         # 8. summarise completed trajectories (skills reach the bank from the next iteration) + bandit update
         t0 = time.time()
         summarizer.submit(it, summary_requests(cfg, cfg.env, tasks_eps, rng))
-        for t in tasks[:: 1]:
-            hit = chosen.get(task_key(t))
+        for tid, hit in chosen.items():             # credit each retrieved skill with its group's mean reward
             if hit and hit[0] is not None:
-                group = [r for (tt, _), r in zip(tasks_eps, rewards.tolist()) if task_key(tt) == task_key(t)]
-                bank.update(task_key(t), hit[0], float(np.mean(group)))
+                group = [r for (tt, _), r in zip(tasks_eps, rewards.tolist()) if task_key(tt) == tid]
+                bank.update(tid, hit[0], float(np.mean(group)))
         times["summarize"] = time.time() - t0
         # 9. log
         success = float(np.mean([r["success"] for r in results]))

@@ -103,3 +103,19 @@ def test_eval_is_independent_of_batch_size():
     b = eval_lib.evaluate(model, tok, env, tasks, batch_size=1, **kw)
     assert a == b
     assert a["episodes"] == 6 and 0 <= a["acc"] <= a["pass@2"] <= 1
+
+
+def test_compare_runs_table(tmp_path, capsys):
+    """Two seeds of one method are averaged (mean ± s.e.); the table is written even without matplotlib."""
+    for name, method, acc in (("a0", "grpo", 0.25), ("a1", "grpo", 0.75), ("b0", "skill-sd", 0.5)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"method": method}))
+        (d / "log.jsonl").write_text("".join(json.dumps({"iteration": i, "reward": 0.1 * i}) + "\n" for i in (1, 2)))
+        (d / "eval.jsonl").write_text(json.dumps({"iteration": 0, "acc": 0.0, "comp": 0.0}) + "\n"
+                                      + json.dumps({"iteration": 2, "acc": acc, "comp": acc / 2}) + "\n{broken")
+    table = eval_lib.compare_runs([str(tmp_path / n) for n in ("a0", "a1", "b0")], str(tmp_path / "report"))
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert "| 2 | 50.0 ± 25.0 | 25.0 ± 12.5 | 0.2 ± 0.0 |" in rows["grpo"]
+    assert "| 1 | 50.0 | 25.0 | 0.2 |" in rows["skill-sd"]
+    assert (tmp_path / "report.md").read_text().strip() == table
