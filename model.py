@@ -161,11 +161,15 @@ def _auto_device_dtype(device, dtype):
 
 
 def load(name_or_path: str, device=None, dtype=None):
-    """(model, tokenizer) for a hub id, a local directory, or "tiny". Device: cuda (bf16) > mps (bf16) > cpu (fp32)."""
+    """(model, tokenizer) for a hub id, a local directory, "tiny" (random init, built in) or "tiny-sokoban" (the tiny
+    base pretrained on Sokoban transcripts, tiny_base.py). Device: cuda (bf16) > mps (bf16) > cpu (fp32)."""
     device, dtype = _auto_device_dtype(device, dtype)
     if name_or_path == "tiny":
         tokenizer = build_tiny_tokenizer()
         return build_tiny_model(tokenizer).to(device=device, dtype=dtype), tokenizer
+    if name_or_path == "tiny-sokoban":   # the pretrained tiny base for Sokoban, built once and cached (tiny_base.py)
+        import tiny_base
+        return tiny_base.load_base(device=device, dtype=dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)

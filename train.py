@@ -31,11 +31,11 @@ Deviations and choices (numbered; README refers to them):
   2. Summarisation is synchronous by default so that runs are reproducible and --resume is exact; a separate
      summariser model or HTTP endpoint can run in a worker thread (--async-summarizer).
   3. On CUDA the weights stay fp32 and forward passes run under bf16 autocast: AdamW steps of ~1e-6 vanish in bf16.
-  4. The tiny model gets a "tiny profile" of defaults (shorter runs, larger lr, shorter replies) unless the flag is
-     given explicitly; the paper's values apply to every other model.
+  4. The built-in models get a "tiny profile" of defaults (TINY_PROFILES: easy levels, short episodes, larger lr,
+     λ = 0.1) unless a flag is given explicitly; the paper's values apply to every other model.
 
 Run:
-  python train.py --env sokoban                          # Skill-SD, built-in tiny model, CPU
+  python train.py --env sokoban                          # Skill-SD on the built-in tiny base (tiny_base.py), CPU
   python train.py --env sokoban --method grpo --seed 1
   python train.py --env sokoban --model Qwen/Qwen3-4B-Instruct-2507 --run-dir runs/qwen3-4b
   python train.py --resume runs/skill-sd-sokoban-s0      # continue a run from its last checkpoint
@@ -76,7 +76,8 @@ class TrainConfig:
     # what to run
     env: str = opt("sokoban", "sokoban | appworld")
     method: str = opt("skill-sd", "skill-sd | grpo | opd | skill-grpo (method.md §7)")
-    model: str = opt("tiny", "HF id or local path; 'tiny' = built-in random-init model (ours)")
+    model: str = opt("", "HF id or local path; default: 'tiny-sokoban' (the built-in pretrained tiny base, "
+                         "tiny_base.py) for sokoban, Qwen/Qwen3-4B-Instruct-2507 (paper) for appworld; 'tiny' = random")
     run_dir: str = opt("", "output folder; default runs/<method>-<env>-s<seed>")
     seed: int = opt(0, "seed of task order, sampling and summaries")
     iterations: int = opt(180, "training iterations; paper Sokoban ≈180, AppWorld ≈300 (curves, method.md §8)")
@@ -118,18 +119,30 @@ class TrainConfig:
     eval_every: int = opt(20, "held-out evaluation every k iterations (0 = only at the start and end)")
     train_tasks: int = opt(0, "train on the first k training tasks only; 0 = all (paper: 96 Sokoban, 90 AppWorld)")
     eval_samples: int = opt(1, "episodes per test task; paper 1 (greedy)")
+    eval_temperature: float = opt(0.0, "0 = greedy (paper); > 0 samples (use with --eval-samples for s.e.)")
     eval_tasks: int = opt(0, "evaluate on the first k test tasks; 0 = all (paper: 64 Sokoban, 57 AppWorld)")
     save_every: int = opt(20, "checkpoint every k iterations (and at the end)")
     resume: str = opt("", "run directory to continue from its last checkpoint")
     # devices
     device: str = opt("", "cpu | cuda | mps; default: best available")
+    threads: int = opt(0, "torch CPU threads; 0 = torch's default (the tiny profile uses 1: tiny matmuls on a "
+                          "shared 2-core machine run faster on one thread)")
     grad_checkpointing: bool = opt(False, "trade compute for activation memory (real models on a GPU)")
     appworld_root: str = opt("", "AppWorld: $APPWORLD_ROOT holding data/")
     appworld_slots: int = opt(0, "AppWorld: environment servers; 0 = tasks x G, one per live episode (no replays)")
     collapse_stop: bool = opt(False, "stop the run when a collapse is detected (it is always reported)")
 
 
-TINY_PROFILE = dict(iterations=30, lr=1e-4, max_new_tokens=24, eval_every=10, save_every=10)  # choice 4
+# choice 4: defaults for the built-in models where the user gives no flag. "tiny-sokoban" is the pretrained tiny base
+# (tiny_base.py: 6x6 one-box levels, episodes of 12 turns, one-token replies); λ = 0.1 because at this scale λ = 0.001
+# moves nothing: on-policy ∇(λ·SDL) = λ·ℓ·∇log π with |ℓ| ≈ 0.1–0.5, against GRPO advantages of order 1
+# (notes/organism-probe.md). "tiny" is the random-init model, for smoke runs only.
+TINY_PROFILES = {
+    "tiny-sokoban": dict(preset="easy", max_turns=12, max_new_tokens=4, iterations=40, lr=1e-3, lam=0.1,
+                         tasks_per_iter=16, curriculum=False, eval_every=20, save_every=20, threads=1),
+    "tiny": dict(iterations=30, lr=1e-4, max_new_tokens=24, eval_every=10, save_every=10, threads=1),
+}
+DEFAULT_MODEL = {"sokoban": "tiny-sokoban", "appworld": "Qwen/Qwen3-4B-Instruct-2507"}
 METHOD_CONTEXT = {"skill-sd": "skill", "opd": "ground-truth", "grpo": "none", "skill-grpo": "none"}
 
 
@@ -151,8 +164,8 @@ def parse_args(argv=None) -> TrainConfig:
         saved = json.load(open(path))
         cfg = TrainConfig(**{**saved, **given, "run_dir": given["resume"]})
     else:
-        base = TINY_PROFILE if given.get("model", "tiny") == "tiny" else {}
-        cfg = TrainConfig(**{**base, **given})
+        given.setdefault("model", DEFAULT_MODEL.get(given.get("env", "sokoban"), ""))
+        cfg = TrainConfig(**{**TINY_PROFILES.get(given["model"], {}), **given})
     return validate(cfg)
 
 
@@ -173,7 +186,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.micro_batch_size <= 0:
         cfg.micro_batch_size = 1 if pick_device(cfg.device).type == "cpu" else 8
     if cfg.summarizer == "auto":
-        cfg.summarizer = "rule" if cfg.model == "tiny" else "policy"
+        # the built-in models cannot write a JSON skill: they use the rule-based summariser (choice 1)
+        builtin = cfg.model in TINY_PROFILES or "tiny-sokoban" in os.path.basename(cfg.model.rstrip("/"))
+        cfg.summarizer = "rule" if builtin else "policy"
     if not cfg.run_dir:
         cfg.run_dir = os.path.join("runs", f"{cfg.method}-{cfg.env}-s{cfg.seed}")
     return cfg
@@ -409,6 +424,8 @@ def set_rng_state(rng, gen, s: dict) -> None:
 
 def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     os.makedirs(cfg.run_dir, exist_ok=True)
     ckpt = checkpoint_dir(cfg.run_dir) if cfg.resume else None
@@ -454,7 +471,7 @@ def train(cfg: TrainConfig) -> dict:
     def run_eval(iteration: int):
         t0 = time.time()
         tasks = env.test_tasks[: cfg.eval_tasks] if cfg.eval_tasks else env.test_tasks
-        m = evaluate(model, tokenizer, env, tasks, samples=cfg.eval_samples, temperature=0.0,
+        m = evaluate(model, tokenizer, env, tasks, samples=cfg.eval_samples, temperature=cfg.eval_temperature,
                      max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         row = {"iteration": iteration, **{k: v for k, v in m.items() if k != "per_task_success"},
                "seconds": time.time() - t0}
