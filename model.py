@@ -116,18 +116,23 @@ _TINY_CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(corpus: list[str] | None = None):
-    """Byte-level BPE trained in-process (deterministic, no network): any string round-trips, vocab ~1-2k."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 2048, min_frequency: int = 1,
+                         added_tokens: list[str] = ()):
+    """Byte-level BPE trained in-process (deterministic, no network): any string round-trips, vocab ~1-2k.
+    added_tokens: whole strings that become one token each (tiny_base.py uses it for fixed prompt texts)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=2048, min_frequency=1, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(corpus or _TINY_CORPUS * 4, trainer)
+    if added_tokens:
+        bpe.add_tokens([AddedToken(t, normalized=False, single_word=False, lstrip=False, rstrip=False)
+                        for t in added_tokens])
     template = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content']"
                 " + '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}"
                 "{{- '<|im_start|>assistant\\n' }}{%- endif %}")

@@ -266,24 +266,8 @@ def grid_rows(inner=4) -> list[str]:
 
 
 def build_tokenizer(corpus: list[str], vocab_size: int):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=specials,
-                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(corpus, trainer)
-    bpe.add_tokens([AddedToken(t, normalized=False, single_word=False, lstrip=False, rstrip=False)
-                    for t in fixed_phrases()])
-    template = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content']"
-                " + '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}"
-                "{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=["<|im_start|>"], chat_template=template,
-                                   padding_side="left", clean_up_tokenization_spaces=False)
+    """model.py's byte-level BPE trained on the transcripts, plus the fixed texts as whole tokens."""
+    return model_lib.build_tiny_tokenizer(corpus, vocab_size=vocab_size, min_frequency=2, added_tokens=fixed_phrases())
 
 
 def corpus_texts(episodes: list[dict], r: dict, limit=400) -> list[str]:
