@@ -156,10 +156,15 @@ def build_tiny_model(tokenizer, seed: int = 0, **config_overrides):
     return model.eval()
 
 
+def pick_device(name: str | None = None) -> torch.device:
+    """The named device, else the best available: cuda > mps > cpu."""
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+
+
 def _auto_device_dtype(device, dtype):
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(device)
+    device = pick_device(device)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     return device, dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)

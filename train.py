@@ -61,7 +61,7 @@ from tqdm import tqdm
 import loss as loss_lib
 import model as model_lib
 import skills as skills_lib
-from eval import Env, evaluate, make_env, task_key
+from eval import Env, evaluate, make_env, read_jsonl, task_key
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.group_size < 2:
         raise SystemExit("--group-size must be at least 2 (GRPO normalises within a group)")
     if cfg.micro_batch_size <= 0:
-        cfg.micro_batch_size = 1 if pick_device(cfg.device).type == "cpu" else 8
+        cfg.micro_batch_size = 1 if model_lib.pick_device(cfg.device).type == "cpu" else 8
     if cfg.summarizer == "auto":
         # the built-in models cannot write a JSON skill: they use the rule-based summariser (choice 1)
         builtin = cfg.model in TINY_PROFILES or "tiny-sokoban" in os.path.basename(cfg.model.rstrip("/"))
@@ -196,16 +196,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Setup helpers
-
-def pick_device(name: str) -> torch.device:
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
 
 def autocast(device: torch.device):
     """bf16 autocast on CUDA with fp32 master weights (choice 3); plain fp32 elsewhere."""
@@ -426,7 +416,7 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
+    device = model_lib.pick_device(cfg.device)
     os.makedirs(cfg.run_dir, exist_ok=True)
     ckpt = checkpoint_dir(cfg.run_dir) if cfg.resume else None
     model, tokenizer = model_lib.load(os.path.join(ckpt, "model") if ckpt else cfg.model, device=device,
@@ -459,7 +449,7 @@ def train(cfg: TrainConfig) -> dict:
         start_it = state["iteration"]
         for name in ("log.jsonl", "eval.jsonl"):   # drop log lines written after the checkpoint (a crashed tail)
             path = os.path.join(cfg.run_dir, name)
-            rows = [r for r in _read_jsonl(path) if r["iteration"] <= start_it]
+            rows = [r for r in read_jsonl(path) if r["iteration"] <= start_it]
             with open(path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
     with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
@@ -519,8 +509,9 @@ def train(cfg: TrainConfig) -> dict:
         adv = adv.to(device)
         # 6. teacher re-scoring of the identical tokens, and log π_old by a full forward (not sampling-time logits)
         t0 = time.time()
-        student_prompts = [model_lib.encode_prompt(tokenizer, m) for m in
-                           (with_skill if cfg.method == "skill-grpo" else plain)]
+        # on-policy the student's prompt is the one it sampled under, already tokenised in the ledger
+        student_prompts = [l.ids[: l.prompt_len] for l in ledgers] if cfg.rollout_by == "student" else \
+            [model_lib.encode_prompt(tokenizer, m) for m in plain]
         teacher_prompts = [model_lib.encode_prompt(tokenizer, m) for m in with_skill]
         has_teacher = torch.tensor([c is not None and cfg.teacher_context != "none" for c in block],
                                    dtype=torch.float32, device=device)                           # (B,)
@@ -588,11 +579,6 @@ def train(cfg: TrainConfig) -> dict:
     env.close()
     print(f"[eval] final: Acc {100 * final['acc']:.1f}%  Comp {100 * final['comp']:.1f}%  ({cfg.run_dir})")
     return {"train": last, "eval": final}
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    from eval import read_jsonl
-    return read_jsonl(path)
 
 
 if __name__ == "__main__":
