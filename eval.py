@@ -17,6 +17,7 @@ Run:
   python eval.py --model runs/skill-sd-s0/ckpt/model --samples 8 --temperature 1     # sampled, pass@1..8
   python eval.py --model tiny --with-skill runs/skill-sd-s0/ckpt/skill_bank.json     # the teacher, with skills
   python eval.py --compare runs/grpo-s0 runs/skill-sd-s0 --out report                # table + PNG curves
+  python eval.py --paper-table runs/table               # the paper's table on the tiny base: 6 arms x 3 seeds, 2 jobs
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import glob
 import json
 import math
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -191,33 +193,89 @@ def load_run(run_dir: str) -> dict:
             "eval": read_jsonl(os.path.join(run_dir, "eval.jsonl"))}
 
 
-def run_label(run: dict) -> str:
-    """Runs that differ only in their seed share a label (so seeds are averaged)."""
+METHOD_NAMES = {"grpo": "Vanilla GRPO", "opd": "Vanilla OPD", "skill-grpo": "Skill-augmented GRPO",
+                "skill-sd": "Skill-SD"}   # the paper's names (method.md §9)
+
+
+def run_label(run: dict, show_lam: bool = False) -> str:
+    """The paper's name of a run's method and ablation switches (and λ when show_lam); runs that differ only in their
+    seed share a label (so seeds are averaged)."""
     cfg = run["config"]
-    return cfg.get("label") or cfg.get("method") or os.path.basename(run["dir"].rstrip("/"))
+    if cfg.get("label"):
+        return cfg["label"]
+    if not cfg.get("method"):
+        return os.path.basename(run["dir"].rstrip("/"))
+    extras = []
+    if cfg.get("teacher_weights") == "frozen" and cfg["method"] in ("skill-sd", "opd"):
+        extras.append("frozen teacher")
+    if cfg.get("rollout_by") == "teacher":
+        extras.append("teacher-owned rollouts")
+    if cfg["method"] == "skill-sd" and cfg.get("teacher_context") == "ground-truth":
+        extras.append("ground-truth teacher")
+    if show_lam and cfg["method"] == "skill-sd" and "lam" in cfg:
+        extras.append(f"λ = {cfg['lam']:g}")
+    name = METHOD_NAMES.get(cfg["method"], cfg["method"])
+    return name + (f" ({', '.join(extras)})" if extras else "")
 
 
-def compare_runs(run_dirs: list[str], out_prefix: str | None = None) -> str:
+def _mean_se(x) -> str:
+    x = np.asarray(x, dtype=float)
+    if len(x) == 0:
+        return "–"
+    if len(x) == 1:
+        return f"{x[0]:.1f}"
+    return f"{x.mean():.1f} ± {x.std(ddof=1) / math.sqrt(len(x)):.1f}"
+
+
+def _signed(x) -> str:
+    s = _mean_se(x)
+    return s if s == "–" or s.startswith("-") else "+" + s
+
+
+def compare_runs(run_dirs: list[str], out_prefix: str | None = None, reference: str = "Vanilla GRPO") -> str:
+    """The results table of a set of runs, from their logs: one row per method (seeds averaged, mean ± s.e. over
+    seeds), the base row from the runs' iteration-0 evaluations, differences paired by seed (runs of one seed share
+    the base checkpoint, the evaluation seed and the task order), training-level success, and minutes per run.
+    Writes <out_prefix>.md and <out_prefix>.png (curves) when out_prefix is given."""
     runs = [load_run(d) for d in run_dirs]
+    show_lam = len({r["config"].get("lam") for r in runs if r["config"].get("method") == "skill-sd"}) > 1
     groups: dict[str, list[dict]] = {}
     for r in runs:
-        groups.setdefault(run_label(r), []).append(r)
-    lines = ["| run | seeds | Acc (%) | Comp (%) | train reward (last 10 it.) |", "|---|---:|---:|---:|---:|"]
+        groups.setdefault(run_label(r, show_lam), []).append(r)
+    seed = lambda r: r["config"].get("seed", 0)  # noqa: E731
+    base = {}                                    # seed -> the iteration-0 evaluation (identical across methods)
+    for r in runs:
+        if r["eval"] and r["eval"][0].get("iteration") == 0:
+            base.setdefault(seed(r), r["eval"][0])
+    done = lambda r: bool(r["eval"]) and r["eval"][-1].get("iteration", 0) >= r["config"].get("iterations", 1)  # noqa
+    finals = {label: {seed(r): r["eval"][-1] for r in rs if done(r)} for label, rs in groups.items()}
+    unfinished = [os.path.basename(r["dir"].rstrip("/")) for r in runs if not done(r)]
+    ref = finals.get(reference, {})
+    lines = [f"| method | seeds | Acc (%) | Δ Acc vs base | Δ Acc vs {reference.split()[-1]} (paired) | Comp (%) | "
+             "train success, last 10 it. (%) | eval s.e. per run | min per run |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    if base:
+        b = list(base.values())
+        lines.append(f"| Base model | {len(b)} | {_mean_se([100 * e['acc'] for e in b])} | – | – | "
+                     f"{_mean_se([100 * e['comp'] for e in b])} | – | "
+                     f"{100 * np.mean([e.get('acc_se', float('nan')) for e in b]):.1f} | – |")
     for label, rs in groups.items():
-        finals = [r["eval"][-1] for r in rs if r["eval"]]
-        accs = np.array([100 * f["acc"] for f in finals])
-        comps = np.array([100 * f["comp"] for f in finals])
-        rewards = np.array([np.mean([t["reward"] for t in r["train"][-10:]]) for r in rs if r["train"]])
-
-        def fmt(x):
-            if len(x) == 0:
-                return "–"
-            if len(x) == 1:
-                return f"{x[0]:.1f}"
-            return f"{x.mean():.1f} ± {x.std(ddof=1) / math.sqrt(len(x)):.1f}"
-        lines.append(f"| {label} | {len(rs)} | {fmt(accs)} | {fmt(comps)} | "
-                     f"{fmt(rewards) if len(rewards) else '–'} |")
+        fin = finals[label]
+        accs = [100 * f["acc"] for f in fin.values()]
+        d_base = [100 * (f["acc"] - base[s]["acc"]) for s, f in fin.items() if s in base]
+        d_ref = [100 * (f["acc"] - ref[s]["acc"]) for s, f in fin.items() if s in ref] if label != reference else []
+        train = [100 * np.mean([t.get("acc", t.get("reward", 0.0)) for t in r["train"][-10:]]) for r in rs
+                 if r["train"]]
+        eval_se = [100 * f["acc_se"] for f in fin.values() if "acc_se" in f]
+        minutes = [(sum(v for t in r["train"] for k, v in t.items() if k.startswith("time_"))
+                    + sum(e.get("seconds", 0.0) for e in r["eval"])) / 60 for r in rs if r["train"]]
+        lines.append(f"| {label} | {len(fin)} | {_mean_se(accs)} | {_signed(d_base)} | {_signed(d_ref)} | "
+                     f"{_mean_se([100 * f['comp'] for f in fin.values()])} | {_mean_se(train)} | "
+                     f"{f'{np.mean(eval_se):.1f}' if eval_se else '–'} | "
+                     f"{f'{np.mean(minutes):.1f}' if minutes else '–'} |")
     table = "\n".join(lines)
+    if unfinished:   # a run still going (or stopped early) has no final evaluation: its row counts only finished seeds
+        table += f"\n\nNot finished, left out of Acc, Comp and the differences: {', '.join(unfinished)}"
     if out_prefix:
         with open(out_prefix + ".md", "w") as f:
             f.write(table + "\n")
@@ -233,60 +291,147 @@ def plot_curves(groups: dict, path: str) -> None:
     except ImportError:
         print("matplotlib is not installed: skipping the PNG plots (pip install matplotlib); the table is above.")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for label, rs in groups.items():
         for key, ax in (("train", axes[0]), ("eval", axes[1])):
-            curves = [[(row["iteration"], row["reward"] if key == "train" else row["acc"]) for row in r[key]]
+            curves = [[(row["iteration"], row.get("acc", row.get("reward", 0.0))) for row in r[key]]
                       for r in rs if r[key]]
             if not curves:
                 continue
             n = min(len(c) for c in curves)
-            xs = [c[i][0] for i in range(n)] if curves else []
-            ys = np.array([[c[i][1] for i in range(n)] for c in curves])   # (seeds, points)
-            ax.plot(xs, ys.mean(0), label=f"{label} (n={len(curves)})")
+            xs = [curves[0][i][0] for i in range(n)]
+            ys = 100 * np.array([[c[i][1] for i in range(n)] for c in curves])   # (seeds, points)
+            if key == "train" and n >= 5:   # rollout success is noisy (16 tasks x 8): a 5-iteration moving average
+                kernel = np.ones(5) / 5
+                ys = np.stack([np.convolve(y, kernel, mode="valid") for y in ys])
+                xs = xs[4:]
+            line, = ax.plot(xs, ys.mean(0), label=f"{label} (n={len(curves)})", marker="o" if key == "eval" else None)
             if len(curves) > 1:
                 s = ys.std(0, ddof=1) / math.sqrt(len(curves))
-                ax.fill_between(xs, ys.mean(0) - s, ys.mean(0) + s, alpha=0.2)
-    axes[0].set(title="training reward (rollouts)", xlabel="iteration")
-    axes[1].set(title="held-out Acc", xlabel="iteration")
+                ax.fill_between(xs, ys.mean(0) - s, ys.mean(0) + s, alpha=0.15, color=line.get_color())
+    axes[0].set(title="training-level success (rollouts, 5-it. moving average)", xlabel="iteration", ylabel="%")
+    axes[1].set(title="held-out Acc", xlabel="iteration", ylabel="%")
     for ax in axes:
-        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The paper's table at the tiny scale: launch the missing runs (train.py), then compare them
+
+TABLE_ARMS = {   # run name -> train.py flags (method.md §9: main table and ablations)
+    "grpo": ["--method", "grpo"],
+    "opd": ["--method", "opd"],
+    "skill-grpo": ["--method", "skill-grpo"],
+    "skill-sd": ["--method", "skill-sd"],
+    "skill-sd-frozen": ["--method", "skill-sd", "--teacher-weights", "frozen"],
+    "skill-sd-teacher-rollouts": ["--method", "skill-sd", "--rollout-by", "teacher"],
+}
+
+
+def run_finished(run_dir: str) -> bool:
+    cfg_path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(cfg_path):
+        return False
+    evals = read_jsonl(os.path.join(run_dir, "eval.jsonl"))
+    return bool(evals) and evals[-1].get("iteration") == json.load(open(cfg_path)).get("iterations")
+
+
+def run_table(root: str, seeds: list[int], jobs: int, arms: list[str], extra: list[str]) -> str:
+    """Every (arm, seed) run under root/<arm>-s<seed>, `jobs` at a time (one CPU thread each); finished runs are kept,
+    interrupted ones resume from their checkpoint; then the table and curves (root/table.md, root/table.png)."""
+    import subprocess
+    import time
+    unknown = [a for a in arms if a not in TABLE_ARMS]
+    if unknown:
+        raise SystemExit(f"--arms {unknown}: choose from {list(TABLE_ARMS)}")
+    os.makedirs(root, exist_ok=True)
+    here = os.path.dirname(os.path.abspath(__file__))
+    if "--model" not in extra:   # build the tiny base once, before parallel runs would each build it
+        subprocess.run([sys.executable, os.path.join(here, "tiny_base.py")], check=True)
+    todo = []
+    for seed in seeds:
+        for arm in arms:
+            d = os.path.join(root, f"{arm}-s{seed}")
+            if run_finished(d):
+                continue
+            resume = os.path.exists(os.path.join(d, "ckpt", "trainer_state.pt"))
+            cmd = [sys.executable, os.path.join(here, "train.py"), "--env", "sokoban", *TABLE_ARMS[arm],
+                   "--seed", str(seed), *extra, "--run-dir", d] + (["--resume", d] if resume else [])
+            todo.append((d, cmd))
+    print(f"[table] {len(todo)} runs to do under {root}, {jobs} at a time")
+    running, t0 = [], time.time()
+    while todo or running:
+        while todo and len(running) < jobs:
+            d, cmd = todo.pop(0)
+            os.makedirs(d, exist_ok=True)
+            print(f"[table] start {os.path.basename(d)}  ({(time.time() - t0) / 60:.1f} min)")
+            running.append((d, subprocess.Popen(cmd, stdout=open(os.path.join(d, "train.out"), "w"),
+                                                stderr=subprocess.STDOUT)))
+        time.sleep(2)
+        for d, proc in list(running):
+            if proc.poll() is not None:
+                running.remove((d, proc))
+                if proc.returncode != 0:
+                    tail = open(os.path.join(d, "train.out")).read()[-2000:]
+                    raise SystemExit(f"[table] {d} failed (exit {proc.returncode}); its output ends:\n{tail}")
+                print(f"[table] done  {os.path.basename(d)}  ({(time.time() - t0) / 60:.1f} min)")
+    dirs = [os.path.join(root, f"{a}-s{s}") for a in arms for s in seeds]
+    return compare_runs(dirs, os.path.join(root, "table"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
+def _opt(default=None, help="", factory=None):  # a dataclass field that carries its argparse help text
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class EvalConfig:
-    model: str = "tiny"            # HF id, local path, a run's ckpt/model folder, or "tiny" (built-in)
-    env: str = "sokoban"           # sokoban | appworld
-    preset: str = "paper"          # Sokoban level set (paper: 6x6, 2 boxes, 64 test levels)
-    split: str = "test"            # test | train (AppWorld: dev by default, as in the paper)
-    samples: int = 1               # episodes per task; paper: 1 (its Acc values are k/64 and k/57)
-    temperature: float = 0.0       # 0 = greedy (paper's pass@1 evaluation, method.md §10)
-    max_turns: int = 40            # paper: 40 steps (Sokoban) / 40 turns (AppWorld)
-    max_new_tokens: int = 256      # per turn; method.md §10
-    batch_size: int = 64           # results do not depend on it (choice 1)
-    seed: int = 0
-    with_skill: str = ""           # path of a skill_bank.json: evaluate the teacher with each task's best skill
-    appworld_root: str = ""        # $APPWORLD_ROOT with data/ (AppWorld only)
-    out: str = ""                  # write the metrics JSON here
-    compare: list = field(default_factory=list)   # run dirs to compare instead of evaluating
+    model: str = _opt("tiny", "HF id, local path, a run's ckpt/model folder, or 'tiny' (built-in)")
+    env: str = _opt("sokoban", "sokoban | appworld")
+    preset: str = _opt("paper", "Sokoban level set (paper: 6x6, 2 boxes, 64 test levels)")
+    split: str = _opt("test", "test | train (AppWorld: dev by default, as in the paper)")
+    samples: int = _opt(1, "episodes per task; paper: 1 (its Acc values are k/64 and k/57)")
+    temperature: float = _opt(0.0, "0 = greedy (paper's pass@1 evaluation, method.md §10)")
+    max_turns: int = _opt(40, "paper: 40 steps (Sokoban) / 40 turns (AppWorld); the tiny base plays 12")
+    max_new_tokens: int = _opt(256, "per turn; method.md §10")
+    batch_size: int = _opt(64, "episodes per batch; results do not depend on it (choice 1)")
+    seed: int = _opt(0, "sampling seed")
+    with_skill: str = _opt("", "path of a skill_bank.json: evaluate the teacher with each task's best skill")
+    appworld_root: str = _opt("", "$APPWORLD_ROOT with data/ (AppWorld only)")
+    out: str = _opt("", "write the metrics JSON here (with --compare: the prefix of the .md table and .png plot)")
+    compare: list = _opt(help="run dirs to compare instead of evaluating (globs allowed)", factory=list)
+    paper_table: str = _opt("", "a folder: run the paper's table on the tiny base there (arms x seeds), then compare")
+    seeds: list = _opt(help="--paper-table: seeds per arm (issue 8 asks for 3)", factory=lambda: [0, 1, 2])
+    arms: list = _opt(help="--paper-table: which arms (TABLE_ARMS)", factory=lambda: list(TABLE_ARMS))
+    jobs: int = _opt(2, "--paper-table: runs at a time (one CPU thread each; 2 on a 2-core machine)")
+    train_args: str = _opt("", "--paper-table: extra train.py flags for every run, e.g. --train-args='--iterations 20'")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(EvalConfig):
         if f.name == "compare":
-            p.add_argument("--compare", nargs="+", default=[], help="run directories to compare (globs allowed)")
+            p.add_argument("--compare", nargs="+", default=[], help=f.metadata["help"])
             continue
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        if f.name in ("seeds", "arms"):
+            p.add_argument("--" + f.name, nargs="+", type=int if f.name == "seeds" else str,
+                           default=f.default_factory(), help=f.metadata["help"] + f" (default {f.default_factory()})")
+            continue
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f.metadata["help"] + f" (default {f.default!r})")
     args = p.parse_args(argv)
     cfg = EvalConfig(**vars(args))
+    if cfg.paper_table:
+        print(run_table(cfg.paper_table, cfg.seeds, cfg.jobs, cfg.arms, shlex.split(cfg.train_args)))
+        return
     if cfg.compare:
         dirs = sorted({d for pat in cfg.compare for d in glob.glob(pat)})
         if not dirs:

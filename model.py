@@ -505,7 +505,7 @@ def _chunk_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, softcap) 
     return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)  # (b, t)
 
 
-def _score_batch(model, seqs: list[list[int]], grad: bool) -> torch.Tensor:
+def _score_batch(model, seqs: list[list[int]], grad: bool, keep: list | None = None) -> torch.Tensor:
     device = next(model.parameters()).device
     T = max(len(s) for s in seqs)
     ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)              # (b, T) right-padded
@@ -514,6 +514,17 @@ def _score_batch(model, seqs: list[list[int]], grad: bool) -> torch.Tensor:
                                  use_cache=False).last_hidden_state            # (b, T, D)
     head, V = model.get_output_embeddings(), model.config.get_text_config().vocab_size
     softcap = getattr(model.config, "final_logit_softcapping", None)
+    if keep is not None:
+        # only the requested targets: the LM head is ~half a tiny model's FLOPs, and the loss reads only the reply
+        # tokens (a few % of an agent transcript), so computing its logits elsewhere is pure waste
+        rows = torch.tensor([b for b, ts in enumerate(keep) for t in ts], dtype=torch.long, device=device)  # (N,)
+        cols = torch.tensor([t for ts in keep for t in ts], dtype=torch.long, device=device)             # (N,)
+        if len(cols) and (int(cols.min()) < 1 or int(cols.max()) >= T):
+            raise ValueError("score(keep=...): positions must lie in 1 .. len(seq) - 1")
+        h, tgt = hidden[rows, cols - 1][None], ids[rows, cols][None]           # (1, N, D), (1, N)
+        lp = checkpoint(_chunk_logprobs, head, h, tgt, softcap, use_reentrant=False) if grad and len(cols) \
+            else _chunk_logprobs(head, h, tgt, softcap)                         # (1, N)
+        return torch.zeros(len(seqs), T, dtype=lp.dtype, device=device).index_put((rows, cols), lp[0])  # (b, T)
     step = max(1, LOGIT_CHUNK_ELEMS // (len(seqs) * V))
     pieces = []
     for s in range(0, T - 1, step):
@@ -527,22 +538,29 @@ def _score_batch(model, seqs: list[list[int]], grad: bool) -> torch.Tensor:
     return F.pad(lp, (1, 0))                                                    # (b, T); 0 at t = 0
 
 
-def score(model, sequences: list[list[int]], grad: bool = False, micro_batch_size: int | None = None) -> torch.Tensor:
-    """out[b, t] = log pi(seq[b][t] | seq[b][:t]) for 1 <= t < len(seq[b]); 0 at t = 0 and on padding. (B, T_max)"""
+def score(model, sequences: list[list[int]], grad: bool = False, micro_batch_size: int | None = None,
+          keep: list | None = None) -> torch.Tensor:
+    """out[b, t] = log pi(seq[b][t] | seq[b][:t]) for 1 <= t < len(seq[b]); 0 at t = 0 and on padding. (B, T_max)
+    keep: optional per-row lists of the positions t to compute; every other entry is 0 (much cheaper when few are
+    needed, e.g. only the reply tokens of a long transcript)."""
     if not sequences or min(map(len, sequences)) == 0:
         raise ValueError("score() needs at least one non-empty sequence per row")
     T, mbs = max(map(len, sequences)), micro_batch_size or len(sequences)
     with torch.set_grad_enabled(grad):
-        parts = [_score_batch(model, sequences[k:k + mbs], grad) for k in range(0, len(sequences), mbs)]
+        parts = [_score_batch(model, sequences[k:k + mbs], grad, None if keep is None else keep[k:k + mbs])
+                 for k in range(0, len(sequences), mbs)]
         return torch.cat([F.pad(p, (0, T - p.shape[1])) for p in parts], 0)    # (B, T)
 
 
 def score_under_prompt(model, ledgers: list[Ledger], prompt_ids: list[list[int]], grad: bool = False,
-                       micro_batch_size: int | None = None) -> torch.Tensor:
+                       micro_batch_size: int | None = None, trainable_only: bool = False) -> torch.Tensor:
     """Teacher re-scoring: prompt_ids[b] + ledger.ids[prompt_len:], shifted back so out[b, j] (j >= prompt_len) is the
-    log-prob of ledger token j under the new prompt; 0 before prompt_len and on padding. (B, T_max)"""
+    log-prob of ledger token j under the new prompt; 0 before prompt_len and on padding. (B, T_max)
+    trainable_only: compute only the ledger's trainable (sampled) tokens, 0 elsewhere: all the losses read."""
     seqs = [list(p) + L.ids[L.prompt_len:] for p, L in zip(prompt_ids, ledgers)]
-    scored = score(model, seqs, grad, micro_batch_size)                         # (B, T')
+    keep = [[len(p) + j - L.prompt_len for j in range(L.prompt_len, len(L.ids)) if L.trainable[j]]
+            for p, L in zip(prompt_ids, ledgers)] if trainable_only else None
+    scored = score(model, seqs, grad, micro_batch_size, keep)                   # (B, T')
     T = max(len(L.ids) for L in ledgers)
     rows = []
     for b, (p, L) in enumerate(zip(prompt_ids, ledgers)):

@@ -420,3 +420,34 @@ def test_unloadable_name_gives_clear_error(monkeypatch):
         msg = str(info.value)
         assert name in msg and "huggingface-cli download" in msg and '"tiny"' in msg and "tried:" in msg
         assert info.value.__suppress_context__ and info.value.__cause__ is None
+
+
+def test_score_trainable_only_equals_full_on_reply_tokens(model, tok):
+    """trainable_only computes the LM head at the reply tokens only: same values there (and same gradients), 0
+    elsewhere, for micro-batches with padding and under a different (teacher) prompt."""
+    _, ledgers = play(model, tok, seed=2)
+    skilled = [M.encode_prompt(tok, [ep[0], {"role": "user", "content": "[Skill] go left.\n" + ep[1]["content"]}])
+               for ep in (e.initial_messages() for e in (EchoEpisode(k) for k in range(len(ledgers))))]
+    for prompts in ([L.ids[:L.prompt_len] for L in ledgers], skilled):
+        full = M.score_under_prompt(model, ledgers, prompts)                       # (B, T)
+        for mbs in (None, 1):
+            part = M.score_under_prompt(model, ledgers, prompts, micro_batch_size=mbs, trainable_only=True)
+            for b, L in enumerate(ledgers):
+                m = torch.zeros(part.shape[1], dtype=torch.bool)
+                m[:len(L.ids)] = torch.tensor(L.trainable, dtype=torch.bool)
+                assert m.any() and (part[b, m] - full[b, m]).abs().max() <= 1e-5
+                assert (part[b, ~m] == 0).all()
+    weights = torch.randn(full.shape)
+    grads = []
+    for only in (False, True):
+        model.zero_grad(set_to_none=True)
+        lp = M.score_under_prompt(model, ledgers, skilled, grad=True, trainable_only=only)
+        mask = torch.zeros_like(lp)
+        for b, L in enumerate(ledgers):
+            mask[b, :len(L.ids)] = torch.tensor(L.trainable, dtype=torch.float32)
+        (lp * mask * weights).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="positions"):
+        M.score(model, [[1, 2, 3]], keep=[[3]])
