@@ -386,7 +386,7 @@ def run_table(root: str, seeds: list[int], jobs: int, arms: list[str], extra: li
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
-def _opt(default=None, help="", factory=None):  # a dataclass field that carries its argparse help text
+def opt(default=None, help="", factory=None):  # a dataclass field that carries its argparse help text (train.py too)
     if factory is not None:
         return field(default_factory=factory, metadata={"help": help})
     return field(default=default, metadata={"help": help})
@@ -394,25 +394,25 @@ def _opt(default=None, help="", factory=None):  # a dataclass field that carries
 
 @dataclass
 class EvalConfig:
-    model: str = _opt("tiny", "HF id, local path, a run's ckpt/model folder, or 'tiny' (built-in)")
-    env: str = _opt("sokoban", "sokoban | appworld")
-    preset: str = _opt("paper", "Sokoban level set (paper: 6x6, 2 boxes, 64 test levels)")
-    split: str = _opt("test", "test | train (AppWorld: dev by default, as in the paper)")
-    samples: int = _opt(1, "episodes per task; paper: 1 (its Acc values are k/64 and k/57)")
-    temperature: float = _opt(0.0, "0 = greedy (paper's pass@1 evaluation, method.md §10)")
-    max_turns: int = _opt(40, "paper: 40 steps (Sokoban) / 40 turns (AppWorld); the tiny base plays 12")
-    max_new_tokens: int = _opt(256, "per turn; method.md §10")
-    batch_size: int = _opt(64, "episodes per batch; results do not depend on it (choice 1)")
-    seed: int = _opt(0, "sampling seed")
-    with_skill: str = _opt("", "path of a skill_bank.json: evaluate the teacher with each task's best skill")
-    appworld_root: str = _opt("", "$APPWORLD_ROOT with data/ (AppWorld only)")
-    out: str = _opt("", "write the metrics JSON here (with --compare: the prefix of the .md table and .png plot)")
-    compare: list = _opt(help="run dirs to compare instead of evaluating (globs allowed)", factory=list)
-    paper_table: str = _opt("", "a folder: run the paper's table on the tiny base there (arms x seeds), then compare")
-    seeds: list = _opt(help="--paper-table: seeds per arm (issue 8 asks for 3)", factory=lambda: [0, 1, 2])
-    arms: list = _opt(help="--paper-table: which arms (TABLE_ARMS)", factory=lambda: list(TABLE_ARMS))
-    jobs: int = _opt(2, "--paper-table: runs at a time (one CPU thread each; 2 on a 2-core machine)")
-    train_args: str = _opt("", "--paper-table: extra train.py flags for every run, e.g. --train-args='--iterations 20'")
+    model: str = opt("tiny", "HF id, local path, a run's ckpt/model folder, or 'tiny' (built-in)")
+    env: str = opt("sokoban", "sokoban | appworld")
+    preset: str = opt("paper", "Sokoban level set (paper: 6x6, 2 boxes, 64 test levels)")
+    split: str = opt("test", "test | train (AppWorld: dev by default, as in the paper)")
+    samples: int = opt(1, "episodes per task; paper: 1 (its Acc values are k/64 and k/57)")
+    temperature: float = opt(0.0, "0 = greedy (paper's pass@1 evaluation, method.md §10)")
+    max_turns: int = opt(40, "paper: 40 steps (Sokoban) / 40 turns (AppWorld); the tiny base plays 12")
+    max_new_tokens: int = opt(256, "per turn; method.md §10")
+    batch_size: int = opt(64, "episodes per batch; results do not depend on it (choice 1)")
+    seed: int = opt(0, "sampling seed")
+    with_skill: str = opt("", "path of a skill_bank.json: evaluate the teacher with each task's best skill")
+    appworld_root: str = opt("", "$APPWORLD_ROOT with data/ (AppWorld only)")
+    out: str = opt("", "write the metrics JSON here (with --compare: the prefix of the .md table and .png plot)")
+    compare: list = opt(help="run dirs to compare instead of evaluating (globs allowed)", factory=list)
+    paper_table: str = opt("", "a folder: run the paper's table on the tiny base there (arms x seeds), then compare")
+    seeds: list = opt(help="--paper-table: seeds per arm (issue 8 asks for 3)", factory=lambda: [0, 1, 2])
+    arms: list = opt(help="--paper-table: which arms (TABLE_ARMS)", factory=lambda: list(TABLE_ARMS))
+    jobs: int = opt(2, "--paper-table: runs at a time (one CPU thread each; 2 on a 2-core machine)")
+    train_args: str = opt("", "--paper-table: extra train.py flags for every run, e.g. --train-args='--iterations 20'")
 
 
 def main(argv=None):

@@ -52,7 +52,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -61,15 +61,11 @@ from tqdm import tqdm
 import loss as loss_lib
 import model as model_lib
 import skills as skills_lib
-from eval import Env, evaluate, make_env, read_jsonl, task_key
+from eval import Env, evaluate, make_env, opt, read_jsonl, task_key
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Hyperparameters: one dataclass; every default says where it comes from
-
-def opt(default, help):  # a dataclass field that carries its argparse help text
-    return field(default=default, metadata={"help": help})
-
 
 @dataclass
 class TrainConfig:
