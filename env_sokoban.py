@@ -333,6 +333,12 @@ class SokobanGame:
         return render(self.room_fixed, self.room_state)
 
 
+def position_text(cell) -> str:
+    """A cell as the observations and skill workflows write it: "(row 1, col 2)", 0-based from the top-left corner of
+    the room (the outer wall ring is row 0 / col 0)."""
+    return f"(row {int(cell[0])}, col {int(cell[1])})"
+
+
 def render(room_fixed, room_state, sep=" "):
     """Text grid, rows top to bottom; a player on a target is shown as S (code 6)."""
     shown = np.where((np.asarray(room_state) == PLAYER) & (np.asarray(room_fixed) == TARGET),
@@ -554,7 +560,10 @@ class SokobanEpisode:
             status += f" Boxes on target: {g.boxes_on_target}/{g.num_boxes}."
         else:
             status = f"Turn {self.turns + 1}/{self.max_turns}. Boxes on target: {g.boxes_on_target}/{g.num_boxes}."
-        return "\n".join(line for line in (feedback, status, g.render()) if line)
+        # The player's cell in words, with the coordinates the skills use ("at (row 1, col 2): left"): an agent can
+        # look its state up in a skill's workflow without counting grid cells.
+        where = f"You are at {position_text(g.player)}."
+        return "\n".join(line for line in (feedback, status, where, g.render()) if line)
 
     def task_text(self):
         g = self.game

@@ -426,7 +426,8 @@ class SokobanRuleSummarizer:
                 ahead = (before[0][0] + dr, before[0][1] + dc)
                 wall = not (0 <= ahead[0] < fixed.shape[0] and 0 <= ahead[1] < fixed.shape[1]) \
                     or fixed[ahead] == es.WALL
-                steps.append({"turn": turn, "action": a, "moved": after[0] != before[0], "pushed": bool(new_box),
+                steps.append({"turn": turn, "action": a, "cell": before[0], "moved": after[0] != before[0],
+                              "pushed": bool(new_box),
                               "box_to": new_box[0] if new_box else None, "wall": wall, "state": after,
                               "on_target": game.boxes_on_target})
         corner = {}
@@ -465,13 +466,21 @@ class SokobanRuleSummarizer:
         bad = self._mistakes(traj, steps, corner, loops) or [
             "No wall bumps, corner deadlocks, loops or format errors."
             + ("" if success else " The episode ended before every box was placed.")]
-        return Skill(good, "\n".join(bad), self._workflow(success, path, n_start, n_boxes))
+        return Skill(good, "\n".join(bad), self._workflow(success, path, n_start, n_boxes, start))
 
     def _mistakes(self, traj, steps, corner, loops):
+        import env_sokoban as es
         k, bad = self.max_items, []
-        bumps = [s for s in steps if not s["moved"]]
+        bumps, seen = [], set()
+        for s in steps:     # each blocked (cell, move) once, at its first turn
+            key = (s.get("cell"), s["action"]) if s.get("cell") is not None else id(s)
+            if not s["moved"] and key not in seen:
+                seen.add(key)
+                bumps.append(s)
         what = {True: "walked into a wall", False: "pushed a box that cannot move", None: "was blocked"}
-        bad += [f"Turn {s['turn']}: {_DIRECTIONS[s['action'] - 1]} {what[s['wall']]} (nothing moved)."
+        # keyed by the cell, like the workflow, so "do not go left at (row 1, col 2)" can be looked up by position
+        at = lambda s: f"at {es.position_text(s['cell'])}, " if s.get("cell") is not None else ""
+        bad += [f"Turn {s['turn']}: {at(s)}{_DIRECTIONS[s['action'] - 1]} {what[s['wall']]} (nothing moved)."
                 for s in bumps[:k]]
         bad += [f"(+{len(bumps) - k} more blocked moves.)"] if len(bumps) > k else []
         dead = [s for s in steps if corner.get(id(s))]
@@ -488,15 +497,21 @@ class SokobanRuleSummarizer:
         return bad
 
     @staticmethod
-    def _workflow(success, path, n_start, n_boxes):
-        name = lambda s: _DIRECTIONS[s["action"] - 1] + (" (push the box)" if s["pushed"] else "")
+    def _workflow(success, path, n_start, n_boxes, start=None):
+        # Each move is keyed by the cell it is made from, in the words of the observation ("You are at (row 1, col 2)"),
+        # so the plan can be looked up by position after a detour instead of only followed from the start.
+        import env_sokoban as es
+        cells = [start[0] if start else None] + [s["state"][0] if s["state"] else None for s in path]
+        name = lambda j, s: ((f"at {es.position_text(cells[j])}: " if cells[j] is not None else "")
+                             + _DIRECTIONS[s["action"] - 1] + (" (push the box)" if s["pushed"] else ""))
         if success:
-            return "Moves from the start (loops and bumps removed):\n" + _numbered(name(s) for s in path)
+            return ("Moves from the start (loops and bumps removed):\n"
+                    + _numbered(name(j, s) for j, s in enumerate(path)))
         counts = [n_start] + [s["on_target"] if s["on_target"] is not None else 0 for s in path]
         best = max(range(len(counts)), key=lambda j: (counts[j], -j))      # earliest state with the most boxes placed
         if counts[best] > n_start:
             return (f"No successful workflow yet. Best prefix so far ({counts[best]}/{n_boxes} boxes on targets):\n"
-                    + _numbered(name(s) for s in path[:best]))
+                    + _numbered(name(j, s) for j, s in enumerate(path[:best])))
         return "No successful workflow yet. No move sequence placed a box on a target yet; avoid the mistakes above."
 
 

@@ -8,7 +8,7 @@ stream model.rollout records), replies parsed by env_sokoban.parse_action, and s
 skills.SokobanRuleSummarizer from an earlier episode on the same level and put in the prompt with skills.with_skill,
 exactly what train.py's teacher sees. The scripted players are built to give the three properties the paper's base
 has (notes/method.md §8-9, issue 8): (1) it follows the action format; (2) it plays weakly; (3) it plays better with a
-skill from its own earlier episode in its context, and a skill from another level does not help.
+skill from its own earlier episode in its context, more than with a skill from another level.
 
 WHAT IT IS NOT. It is not a language model: it has never seen text other than these transcripts, it cannot write a
 skill (train.py must use --summarizer rule with it), and its "knowledge" is by construction: the plain player is a
@@ -25,12 +25,16 @@ The recipe (RECIPE below; every number is ours):
     else uniform. As a script it solves ~35% of levels at T=1 and ~25% greedily (its argmax repeats the last move
     into walls); with its two preferences swapped, greedy play would solve ~99%.
  3. Skill player: a skill from an earlier b0 episode on the same level (a success with prob. skill_success, else the
-    first attempt, whatever it was) via SokobanRuleSummarizer, put in the prompt with skills.with_skill. While the
-    episode is on track (its moves so far equal the workflow's first moves) it plays the next workflow move with
-    p_follow, otherwise exactly b0; a skill without a workflow (a failed attempt) leaves it exactly b0. So a skill
-    only overrides behaviour where it applies and the skill-conditioned policy is the plain policy everywhere else
-    (the co-improvement the issue asks for). The workflow is step-keyed ("3. up" at "Turn 3"), the summarizer's
-    existing format; no env or summarizer text was changed.
+    first attempt, whatever it was) via SokobanRuleSummarizer, put in the prompt with skills.with_skill. The
+    summarizer keys each workflow move and each blocked move by the cell it was made from ("2. at (row 1, col 1):
+    down", "Turn 3: at (row 2, col 1), left walked into a wall"), in the words of the observation's "You are at
+    (row 1, col 1)." line. The skill player is b0 except at those cells: at a workflow cell it plays that move with
+    p_follow; a move the skill reports blocked at this cell loses a fraction p_avoid of its probability. So a skill
+    only overrides behaviour where it applies, a failed attempt's skill still carries usable information (its
+    mistakes), and reading either is one-token induction copying (match the cell token, read what follows it), which
+    still applies after a detour. The first organism keyed moves by step number ("3. up" at "Turn 3"): that applies
+    only while every earlier move matched, failed attempts' skills carried nothing, and after RL its teacher was no
+    better than the student; with cell keys the RL gains are also much larger (README).
  4. Replies are one token: "<action>up</action>" etc. are added tokens of the tokenizer (the parser accepts a reply
     without <think>), so a turn costs 2 sampled tokens. The loss is the cross-entropy against the player's full
     action distribution (soft target) on the action token, plus the end-of-turn token; none on prompt or observations.
@@ -39,10 +43,11 @@ The recipe (RECIPE below; every number is ours):
     rendered grid row ("\n# _ X O _ #", all 7**4 rows of a 6-wide walled room), so the first prompt is ~30 tokens and
     an observation ~20. Model: Qwen3, hidden 128, 3 layers, 4 heads (2 KV), MLP 256, tied embeddings, 0.83M params
     (0.39M of them the embedding table).
- 6. Pretraining: AdamW lr 2e-3 (warm-up 50, linear decay), 700 steps of 16 transcripts of similar length.
+ 6. Pretraining: AdamW lr 2e-3 (warm-up 50, linear decay), 1000 steps of 16 transcripts of similar length.
  7. Cache: ~/.cache/skill-sd/tiny-sokoban-<hash>/ (save_pretrained: loadable by model.load(path)); the hash covers
     RECIPE, the source of the recipe's functions, the env's prompt texts, the rule summarizer and library versions,
-    so a changed recipe rebuilds. Written to a temporary folder, then os.replace. Build time: ~5 min on one core.
+    so a changed recipe rebuilds. Written to a temporary folder, then os.replace. Build time: 4.3-4.6 min on
+    this 2-core machine (the build uses every core).
 
 Measured (`python tiny_base.py --measure`, 64 held-out "easy" levels x 8 samples, 12 turns, ± s.e. over levels):
 student Acc 18.0 ± 3.4 at T=1, 12.5 ± 4.2 greedy, 0.00% format errors; on the 26 levels where a student sample
@@ -82,12 +87,13 @@ RECIPE = dict(
     num_levels=1500,
     num_boxes=1, search_depth=300, max_steps=20, max_turns=12,
     p_opt=0.12, p_repeat=0.4,     # plain player b0
-    p_follow=0.9,                 # skill player, on track
+    p_follow=0.97,                # skill player, at a workflow cell
+    p_avoid=0.9,                  # skill player, a move the skill reports blocked at this cell
     skill_success=0.85, skill_tries=6, skill_episodes=2,
     vocab_size=600,
     hidden_size=128, num_hidden_layers=3, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
     head_dim=32,
-    steps=700, batch_size=16, lr=2e-3, warmup=50, grad_clip=1.0,
+    steps=1000, batch_size=16, lr=2e-3, warmup=50, grad_clip=1.0,
 )
 
 ACTION_REPLIES = tuple(f"<action>{a}</action>" for a in es.ACTION_NAMES)
@@ -116,25 +122,44 @@ def plain_policy(game, prev: int | None, r: dict) -> np.ndarray:
     return p
 
 
-def workflow_moves(skill) -> list[int]:
-    """The numbered moves of a skill's golden workflow (empty when the skill has none)."""
+def workflow_moves(skill) -> dict:
+    """A skill's golden workflow as {player cell: move}, from its "k. at (row r, col c): move" lines (the first entry of
+    a cell wins); empty when the skill has no workflow (a failed attempt that placed no box)."""
     if skill is None:
-        return []
-    moves = []
+        return {}
+    moves = {}
     for line in skill.golden_workflow.splitlines():
-        m = re.match(r"\s*(\d+)\.\s+(up|down|left|right)\b", line)
-        if m and int(m.group(1)) == len(moves) + 1:
-            moves.append(es.ACTION_NAMES.index(m.group(2)) + 1)
+        m = re.match(r"\s*\d+\.\s+at \(row (\d+), col (\d+)\):\s+(up|down|left|right)\b", line)
+        if m:
+            moves.setdefault((int(m.group(1)), int(m.group(2))), es.ACTION_NAMES.index(m.group(3)) + 1)
     return moves
 
 
-def skill_policy(game, prev, history: list[int], workflow: list[int], r: dict) -> np.ndarray:
-    """On track (moves so far == the workflow's first moves): p_follow on the next workflow move, else b0."""
+def blocked_moves(skill) -> set:
+    """The (cell, move) pairs a skill's mistake analysis reports as blocked ("Turn 2: at (row 1, col 2), left walked
+    into a wall (nothing moved)."); empty without a skill."""
+    if skill is None:
+        return set()
+    found = re.findall(r"at \(row (\d+), col (\d+)\), (up|down|left|right) (?:walked into a wall|pushed a box that "
+                       r"cannot move|was blocked)", skill.mistake_analysis)
+    return {((int(a), int(b)), es.ACTION_NAMES.index(m) + 1) for a, b, m in found}
+
+
+def skill_policy(game, prev, workflow: dict, blocked: set, r: dict) -> np.ndarray:
+    """b0, except: at a workflow cell p_follow on that entry's move; a move the skill reports as blocked at this cell
+    loses a fraction p_avoid of its probability (spread over the other moves)."""
     p = plain_policy(game, prev, r)
-    k = len(history)
-    if k < len(workflow) and history == workflow[:k]:
+    cell = tuple(int(x) for x in game.player)
+    move = workflow.get(cell)
+    if move is not None:
         p = (1 - r["p_follow"]) * p
-        p[workflow[k] - 1] += r["p_follow"]
+        p[move - 1] += r["p_follow"]
+    for a in range(1, 5):
+        if (cell, a) in blocked and p[a - 1] < 1:
+            cut = r["p_avoid"] * p[a - 1]
+            p[a - 1] -= cut
+            others = [b for b in range(4) if b != a - 1]
+            p[others] += cut * p[others] / p[others].sum()
     return p
 
 
@@ -149,18 +174,18 @@ def pretrain_levels(r: dict) -> list:
     return levels
 
 
-def play(level, r: dict, rng: np.random.Generator, workflow=None):
-    """One scripted episode -> (episode, [(reply, target distribution (4,))])."""
+def play(level, r: dict, rng: np.random.Generator, skill=None):
+    """One scripted episode, by b0 or (with a skill) by the skill player -> (episode, [(reply, target (4,))])."""
     ep = es.SokobanEpisode(level, max_turns=r["max_turns"])
-    prev, history, turns = None, [], []
+    workflow, blocked = workflow_moves(skill), blocked_moves(skill)
+    prev, turns = None, []
     while not ep.done:
-        p = plain_policy(ep.game, prev, r) if workflow is None else skill_policy(ep.game, prev, history, workflow, r)
+        p = plain_policy(ep.game, prev, r) if skill is None else skill_policy(ep.game, prev, workflow, blocked, r)
         a = int(rng.choice(4, p=p)) + 1
         reply = ACTION_REPLIES[a - 1]
         turns.append((reply, p))
         ep.step(reply)
         prev = a
-        history.append(a)
     return ep, turns
 
 
@@ -184,7 +209,7 @@ def generate_episodes(r: dict, progress=True) -> list[dict]:
                 if earlier.result()["success"]:
                     break
             skill = make_skill(earlier)
-            _, turns = play(level, r, rng, workflow=workflow_moves(skill))
+            _, turns = play(level, r, rng, skill=skill)
             out.append({"level": level, "turns": turns, "skill": skill})
     return out
 
@@ -256,7 +281,13 @@ def fixed_phrases() -> list[str]:
             "# # # # # #", "Turn ", ". Boxes on target: ", "You moved ", "You pushed a box ", "You cannot move ",
             " (blocked); nothing moved.", "A shortest solution from the initial state (",
             "system\n", "user\n", "assistant\n", ". Boxes on target: 0/1.", ". Boxes on target: 1/1.",
-            *grid_rows()]
+            "\nYou are at ", ". at ", *positions(), *grid_rows()]
+
+
+def positions(size=6) -> list[str]:
+    """Every cell as the observation and the workflow write it ("(row 1, col 2)"), one token each: the key that the
+    skill-reading copy matches between "You are at (row 1, col 2)." and "3. at (row 1, col 2): up"."""
+    return [es.position_text((r, c)) for r in range(size) for c in range(size)]
 
 
 def grid_rows(inner=4) -> list[str]:
@@ -347,7 +378,8 @@ def recipe_hash(r: dict) -> str:
     parts = [json.dumps(r, sort_keys=True), torch.__version__, transformers.__version__, tokenizers.__version__,
              es.SYSTEM_PROMPT, es._RULES, json.dumps(es._FORMAT), skills_lib.SKILL_HEADER,
              inspect.getsource(skills_lib.SokobanRuleSummarizer), inspect.getsource(skills_lib.Skill),
-             inspect.getsource(model_lib.build_tiny_model)]
+             inspect.getsource(model_lib.build_tiny_model), inspect.getsource(es.SokobanEpisode._observation),
+             inspect.getsource(es.position_text)]
     parts += [inspect.getsource(f) for f in _RECIPE_FUNCTIONS]
     return hashlib.sha256("\n\x00".join(parts).encode()).hexdigest()[:12]
 
@@ -379,7 +411,8 @@ def build(r: dict, progress=True):
 
 
 # the functions whose source is part of the recipe hash (bound at import, so a monkeypatched name does not count)
-_RECIPE_FUNCTIONS = (grid_rows, encode_segments, optimal_action, plain_policy, workflow_moves, skill_policy,
+_RECIPE_FUNCTIONS = (grid_rows, positions, encode_segments, optimal_action, plain_policy, workflow_moves,
+                     blocked_moves, skill_policy,
                      pretrain_levels, play, generate_episodes, transcript, fixed_phrases, build_tokenizer,
                      corpus_texts, pretrain, sequence_loss, build)
 
@@ -404,8 +437,13 @@ def ensure_built(recipe: dict | None = None, cache_root: str | None = None, rebu
         return path
     if progress:
         print(f"[tiny_base] building the tiny Sokoban base model -> {path}", file=sys.stderr)
-    with torch.random.fork_rng(devices=[]):
-        model, tokenizer, info = build(r, progress)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)   # a one-off job: every core (a run's 1-thread setting is restored)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model, tokenizer, info = build(r, progress)
+    finally:
+        torch.set_num_threads(threads)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -137,7 +137,7 @@ class TrainConfig:
 # samples give each run a stated standard error (≈ 4 points over 64 levels). "tiny" is the random-init model, for smoke
 # runs only.
 TINY_PROFILES = {
-    "tiny-sokoban": dict(preset="easy", max_turns=12, max_new_tokens=4, iterations=40, lr=1e-3, lam=0.1,
+    "tiny-sokoban": dict(preset="easy", max_turns=12, max_new_tokens=4, iterations=40, lr=5e-4, lam=0.1,
                          tasks_per_iter=16, curriculum=False, eval_every=10, save_every=20, threads=1,
                          eval_temperature=1.0, eval_samples=8),
     "tiny": dict(iterations=30, lr=1e-4, max_new_tokens=24, eval_every=10, save_every=10, threads=1),

@@ -372,11 +372,12 @@ def test_initial_messages_and_observation_text():
     ep = E.SokobanEpisode(example_2_level())
     msgs = ep.initial_messages()
     assert [m["role"] for m in msgs] == ["system", "user"]
-    first_obs = "Turn 1/40. Boxes on target: 0/2.\n" + E.render(ep.level.room_fixed, ep.level.room_state)
+    first_obs = ("Turn 1/40. Boxes on target: 0/2.\nYou are at (row 4, col 1).\n"
+                 + E.render(ep.level.room_fixed, ep.level.room_state))
     assert msgs[1]["content"].endswith("\n\n" + first_obs) and "<action>" in msgs[1]["content"]
     assert "40 turns, one action per turn" in msgs[1]["content"]
     obs, done = ep.step("<think>push the upper box</think><action>up</action>")
-    assert obs == ("You moved up.\nTurn 2/40. Boxes on target: 0/2.\n"
+    assert obs == ("You moved up.\nTurn 2/40. Boxes on target: 0/2.\nYou are at (row 3, col 1).\n"
                    "# # # # # #\n# # # # # #\n# # _ O _ #\n# P X _ _ #\n# _ X _ O #\n# # # # # #") and not done
     assert ep.privileged_context() == ("A shortest solution from the initial state (7 moves): "
                                        "up, right, left, down, right, right, up")

@@ -205,9 +205,13 @@ def test_sokoban_rule_summary_success_with_bump_and_loop():
     assert ep.result()["success"]
     req = SummaryRequest.from_episode("sokoban", ep)
     s = SokobanRuleSummarizer().summarize([req])[0]
-    assert s.golden_workflow == ("Moves from the start (loops and bumps removed):\n1. left\n2. left\n3. up\n"
-                                 "4. right (push the box)\n5. right (push the box)")
-    assert "Turn 1: down walked into a wall (nothing moved)." in s.mistake_analysis
+    # each move keyed by the cell it is made from, in the observation's words ("You are at (row 3, col 3).")
+    assert s.golden_workflow == ("Moves from the start (loops and bumps removed):\n1. at (row 3, col 3): left\n"
+                                 "2. at (row 3, col 2): left\n3. at (row 3, col 1): up\n"
+                                 "4. at (row 2, col 1): right (push the box)\n"
+                                 "5. at (row 2, col 2): right (push the box)")
+    assert "You are at (row 3, col 3)." in es.SokobanEpisode(ep.level).initial_messages()[1]["content"]
+    assert "Turn 1: at (row 3, col 3), down walked into a wall (nothing moved)." in s.mistake_analysis
     assert "Turns 1-3: loop, back to the position of the start" in s.mistake_analysis
     assert s.success_analysis.startswith("Solved in 8 turns (7 moves); the plan below needs 5 moves.")
     assert "turn(s) 8" in s.success_analysis
@@ -230,8 +234,9 @@ def test_sokoban_rule_summary_best_prefix_on_failure():
     ep = _episode(room, ["right", "right", "right", "up", "down"])
     s = SokobanRuleSummarizer().summarize([SummaryRequest.from_episode("sokoban", ep)])[0]
     assert s.golden_workflow == ("No successful workflow yet. Best prefix so far (1/2 boxes on targets):\n"
-                                 "1. right (push the box)\n2. right (push the box)")
-    assert "Turn 3: right pushed a box that cannot move (nothing moved)." in s.mistake_analysis
+                                 "1. at (row 4, col 1): right (push the box)\n"
+                                 "2. at (row 4, col 2): right (push the box)")
+    assert "Turn 3: at (row 4, col 3), right pushed a box that cannot move (nothing moved)." in s.mistake_analysis
     assert "Turns 3-5: loop, back to the position after turn 2" in s.mistake_analysis
     # without the initial room only the trajectory's own flags are used (no replay), still deterministic
     req = SummaryRequest.from_episode("sokoban", ep)
@@ -439,3 +444,11 @@ def test_teacher_prompt_is_student_prompt_plus_one_block(tiny):
     assert privileged_block(None) is None and privileged_block("  ") is None
     with pytest.raises(ValueError):
         with_skill([{"role": "system", "content": "x"}], skill)
+
+
+def test_sokoban_rule_summary_lists_each_blocked_move_once_with_its_cell():
+    ep = _episode(ROOM, ["down", "down", "left", "down"])
+    s = SokobanRuleSummarizer().summarize([SummaryRequest.from_episode("sokoban", ep)])[0]
+    bumps = [line for line in s.mistake_analysis.splitlines() if "walked into a wall" in line]
+    assert bumps == ["Turn 1: at (row 3, col 3), down walked into a wall (nothing moved).",
+                     "Turn 4: at (row 3, col 2), down walked into a wall (nothing moved)."]

@@ -1,6 +1,7 @@
 """Tests of tiny_base.py on a drastically reduced recipe (a few levels, a few dozen steps): determinism of the data
 generator, token-stream identity with model.rollout's ledger, loss positions = reply tokens only, cache hit/rebuild."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -44,14 +45,35 @@ def test_players():
     assert p[best - 1] == pytest.approx(r["p_opt"] + (1 - r["p_opt"]) / 4) and p.sum() == pytest.approx(1)
     p = tb.plain_policy(game, 1 if best != 1 else 2, r)
     assert p.max() == pytest.approx(r["p_repeat"] + (1 - r["p_opt"] - r["p_repeat"]) / 4)   # the systematic bias
-    wf = [3, 1]
-    on = tb.skill_policy(game, None, [], wf, r)
+    here = tuple(int(x) for x in game.player)
+    elsewhere = (here[0], here[1] + 1)
+    wf = {here: 3, elsewhere: 1}                                 # {cell: move}
+    on = tb.skill_policy(game, None, wf, set(), r)
     assert on[2] == pytest.approx(r["p_follow"] + (1 - r["p_follow"]) * tb.plain_policy(game, None, r)[2])
-    off = tb.skill_policy(game, 2, [2], wf, r)                   # off track: exactly the plain player
+    off = tb.skill_policy(game, 2, {elsewhere: 1}, set(), r)     # no workflow entry here: exactly the plain player
     assert np.allclose(off, tb.plain_policy(game, 2, r))
-    skill = skills_lib.Skill("", "", "Moves from the start (loops and bumps removed):\n1. left\n2. up (push the box)")
-    assert tb.workflow_moves(skill) == [3, 1]
-    assert tb.workflow_moves(skills_lib.Skill("", "", "No successful workflow yet.")) == []
+    plain = tb.plain_policy(game, 2, r)
+    avoid = tb.skill_policy(game, 2, {}, {(here, 2), (elsewhere, 1)}, r)   # "down" reported blocked at this cell
+    assert avoid[1] == pytest.approx((1 - r["p_avoid"]) * plain[1]) and avoid.sum() == pytest.approx(1)
+    assert np.allclose(avoid[[0, 2, 3]] / avoid[[0, 2, 3]].sum(), plain[[0, 2, 3]] / plain[[0, 2, 3]].sum())
+    skill = skills_lib.Skill("", "Turn 1: at (row 2, col 3), up walked into a wall (nothing moved).\n"
+                                 "Turn 4: at (row 1, col 1), left pushed a box that cannot move (nothing moved).",
+                             "Moves from the start (loops and bumps removed):\n1. at (row 2, col 3): left\n"
+                             "2. at (row 2, col 2): up (push the box)\n3. at (row 2, col 3): down")
+    assert tb.workflow_moves(skill) == {(2, 3): 3, (2, 2): 1}            # the first entry of a cell wins
+    assert tb.blocked_moves(skill) == {((2, 3), 1), ((1, 1), 3)}
+    assert tb.workflow_moves(skills_lib.Skill("", "", "No successful workflow yet.")) == {}
+    # the summarizer's own text parses back (the organism reads exactly what train.py's teacher sees)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        ep, _ = tb.play(level, r, rng)
+        sk = tb.make_skill(ep)
+        if ep.result()["success"]:
+            cells = re.findall(r"^\d+\. at (\(row \d+, col \d+\)): ", sk.golden_workflow, re.M)
+            assert len(cells) == len(sk.golden_workflow.splitlines()) - 1 >= 1        # every move is keyed
+            assert len(tb.workflow_moves(sk)) == len(set(cells))
+        bumps = [t for t in ep.trajectory if not t.get("moved")]
+        assert bool(tb.blocked_moves(sk)) == bool(bumps)
 
 
 def test_cache_hit_and_rebuild(built, monkeypatch):
