@@ -31,7 +31,8 @@ Choices and deviations (numbered; [C] = ours):
  6. [C] An invalid reply uses a turn, makes no env step (no -0.1), costs `format_penalty` (default 0; 0.1 = the
     frameworks) and the next observation says what was wrong. No reply (any string, bytes, None) can raise.
  7. [C] The whole chat is kept (method.md section 10), so observations are short: a feedback line, "Turn k/H. Boxes on
-    target: i/n." and the grid.
+    target: i/n.", "You are at (row r, col c)." (the player's cell, 0-based from the top-left wall corner: the key
+    that skills.SokobanRuleSummarizer writes before each workflow move and blocked move) and the grid.
  8. [C] Level sets (sokoban.md section 7): "paper" = 6x6, 2 boxes, depth 100, 40 steps; train = the first 96 seeds
     >= 10,000 that generate without a retry, sorted by optimal length (curriculum; its one duplicate room, seed
     10068 = 10010, is kept); test = the first 64 such seeds >= 1,000,000 whose room is neither a training room nor an

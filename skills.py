@@ -18,8 +18,10 @@ Choices (numbered; [C] = ours, with the public source it follows):
     rule-based ones for tiny models and tests. Parse failure -> one retry with a stricter reminder -> None (dropped).
  4. [C] Sokoban rule summary replays the episode from the initial room with env_sokoban.SokobanGame. The workflow of a
     success is the episode's own moves with wall bumps and loops cut out (still a valid plan); a failure gets "no
-    successful workflow yet" plus its best prefix (the earliest state with the most boxes on targets). It never uses
-    the solver: a skill must only contain what an attempt revealed.
+    successful workflow yet" plus its best prefix (the earliest state with the most boxes on targets). Each workflow
+    move and each blocked move ("Turn 3: at (row 2, col 1), left walked into a wall") names the cell it was made
+    from in the observation's words, so the plan can be looked up by position after a detour; each blocked (cell,
+    move) is listed once. It never uses the solver: a skill must only contain what an attempt revealed.
  5. [C] Bank (method.md §4.2): one per task, capacity 16, FIFO eviction of the oldest, exact duplicates of the prompt
     text dropped; UCB1 with c = sqrt(2); among untried skills the newest; ties -> lowest index (oldest). The reward of a
     pick = the mean group reward of the rollouts the skill re-scored (the literal reading of the paper).

@@ -50,12 +50,13 @@ The recipe (RECIPE below; every number is ours):
     this 2-core machine (the build uses every core).
 
 Measured (`python tiny_base.py --measure`, 64 held-out "easy" levels x 8 samples, 12 turns, ± s.e. over levels):
-student Acc 18.0 ± 3.4 at T=1, 12.5 ± 4.2 greedy, 0.00% format errors; on the 26 levels where a student sample
-succeeded: student 44.7 ± 6.0, teacher with its own skill 66.8 ± 6.5 (gap +22.1 ± 5.1, paired), teacher with another
-level's skill 39.4 ± 6.1 (the control: content, not presence, helps). Known limitation: 40 iterations of GRPO or
-Skill-SD on the plain prompt raise the student (T=1 about 18 -> 23-32) but erase the teacher gap (+22 -> about +1 over
-3 seeds of each, and the mismatched-skill control then scores like the own skill): RL on the plain prompt overwrites the
-skill-reading of so small a model, so the teacher does not co-improve (README, "the paper's table at this scale").
+student Acc 21.7 ± 3.9 at T=1, 17.2 ± 4.8 greedy, 0.00% format errors; on the 32 levels where a student sample
+succeeded: student 35.2 ± 5.3, teacher with its own skill 80.1 ± 4.9 (gap +44.9 ± 5.3, paired), teacher with another
+level's skill 70.3 ± 5.9 (the control: a blocked move at the outer wall is true in every level, so another level's
+skill still helps; its workflow does not). Known limitation: 40 iterations of GRPO or Skill-SD on the plain prompt
+raise the student to 55-62% held-out but leave the teacher behind it (gap -8 to -19 over 3 seeds of each): only part of
+the plain prompt's improvement reaches the skill-prefixed context of so small a model, so the teacher does not keep
+up (README, "the paper's table at this scale").
 
 Run: `python tiny_base.py` (build or load, print the path), `python tiny_base.py --measure` (pre-RL measurements:
 student / teacher-with-own-skill / mismatched-skill Acc, format errors), `python -m pytest -q tests/test_tiny_base.py`.
