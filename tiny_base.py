@@ -1,7 +1,7 @@
 """tiny_base.py — the offline "model organism": a tiny pretrained base model that stands in for an instruct LLM on
 Sokoban, built on this CPU in a few minutes, so that Skill-SD can be run and measured with no downloads.
 
-WHAT IT IS. A 0.83M-parameter Qwen3 (model.build_tiny_model) with its own tokenizer, pretrained by behaviour cloning on
+WHAT IT IS. A 0.84M-parameter Qwen3 (model.build_tiny_model) with its own tokenizer, pretrained by behaviour cloning on
 transcripts of scripted players. The transcripts go through the REAL pipeline: SokobanEpisode's chat prompt and
 observations, model.encode_prompt for the first prompt and model.encode_segment for each observation (exactly the token
 stream model.rollout records), replies parsed by env_sokoban.parse_action, and skills made by
@@ -40,8 +40,8 @@ The recipe (RECIPE below; every number is ours):
     action distribution (soft target) on the action token, plus the end-of-turn token; none on prompt or observations.
  5. Tokenizer: byte-level BPE trained on the transcripts (any string still encodes and round-trips), plus added tokens
     for the fixed texts (system prompt, rules, format, skill header, JSON glue, frequent phrases) and one token per
-    rendered grid row ("\n# _ X O _ #", all 7**4 rows of a 6-wide walled room), so the first prompt is ~30 tokens and
-    an observation ~20. Model: Qwen3, hidden 128, 3 layers, 4 heads (2 KV), MLP 256, tied embeddings, 0.83M params
+    rendered grid row ("\n# _ X O _ #", all 7**4 rows of a 6-wide walled room) and per cell ("(row 1, col 2)", the key
+    the skill-reading matches), so the first prompt is ~34 tokens and an observation ~25. Model: Qwen3, hidden 128, 3 layers, 4 heads (2 KV), MLP 256, tied embeddings, 0.84M params
     (0.39M of them the embedding table).
  6. Pretraining: AdamW lr 2e-3 (warm-up 50, linear decay), 1000 steps of 16 transcripts of similar length.
  7. Cache: ~/.cache/skill-sd/tiny-sokoban-<hash>/ (save_pretrained: loadable by model.load(path)); the hash covers
