@@ -133,10 +133,10 @@ class TrainConfig:
 # (tiny_base.py: 6x6 one-box levels, episodes of 12 turns, one-token replies); λ = 0.1 because at this scale λ = 0.001
 # moves nothing: on-policy ∇(λ·SDL) = λ·ℓ·∇log π with |ℓ| ≈ 0.1–0.5, against GRPO advantages of order 1
 # (notes/organism-probe.md). Held-out evaluation samples 8 episodes per level at T = 1 instead of the paper's one greedy
-# episode: the weak student's greedy play repeats a move into a wall, so greedy Acc hides most of what RL changes, and 8
-# samples give each run a stated standard error (≈ 4 points over 64 levels). lr 5e-4: at 1e-3 single-seed pilots on the
-# tiny base drifted into invalid replies (20% of turns in one Skill-SD run; README). "tiny" is the random-init model, for
-# smoke runs only.
+# episode: the weak student's greedy play walks into the same wall again and again, so greedy Acc hides much of what RL
+# changes, and 8 samples give each run a stated standard error (≈ 4-5 points over 64 levels). lr 5e-4: at 1e-3
+# single-seed pilots on an earlier tiny base drifted into invalid replies (20% of turns in one Skill-SD run; README).
+# "tiny" is the random-init model, for smoke runs only.
 TINY_PROFILES = {
     "tiny-sokoban": dict(preset="easy", max_turns=12, max_new_tokens=4, iterations=40, lr=5e-4, lam=0.1,
                          tasks_per_iter=16, curriculum=False, eval_every=10, save_every=20, threads=1,

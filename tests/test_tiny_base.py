@@ -41,10 +41,21 @@ def test_players():
     level = es.load_levels("easy", "test")[0]
     game = es.SokobanGame(level.room_fixed, level.room_state, 20)
     best = tb.optimal_action(game)
+    naive = tb.naive_move(game)
+    assert (best, naive) == (3, 2)       # this level: the box is down-left of the player; the solver goes left first
     p = tb.plain_policy(game, None, r)
-    assert p[best - 1] == pytest.approx(r["p_opt"] + (1 - r["p_opt"]) / 4) and p.sum() == pytest.approx(1)
-    p = tb.plain_policy(game, 1 if best != 1 else 2, r)
-    assert p.max() == pytest.approx(r["p_repeat"] + (1 - r["p_opt"] - r["p_repeat"]) / 4)   # the systematic bias
+    rest = (1 - r["p_opt"] - r["p_naive"]) / 4
+    assert np.allclose(p, [rest, rest + r["p_naive"], rest + r["p_opt"], rest]) and p.sum() == pytest.approx(1)
+    assert all(np.array_equal(p, tb.plain_policy(game, prev, r)) for prev in (1, 2, 3, 4))   # the state only
+    # the novice's move: toward the nearest box along the longer axis (rows on a tie), a push when next to it
+    room = np.array([[0] * 6] + [[0, 1, 1, 1, 1, 0]] * 4 + [[0] * 6])
+    for player, box, want in [((1, 1), (3, 2), 2), ((1, 1), (2, 4), 4), ((4, 4), (3, 3), 1), ((2, 3), (2, 2), 3)]:
+        state = room.copy()
+        state[player], state[box] = es.PLAYER, es.BOX
+        assert tb.naive_move(es.SokobanGame(room, state)) == want, (player, box)
+    state = room.copy()
+    state[1, 1], state[2, 2] = es.PLAYER, es.BOX_ON_TARGET
+    assert tb.naive_move(es.SokobanGame(np.where(state == es.BOX_ON_TARGET, es.TARGET, room), state)) is None
     here = tuple(int(x) for x in game.player)
     elsewhere = (here[0], here[1] + 1)
     wf = {here: 3, elsewhere: 1}                                 # {cell: move}
@@ -139,3 +150,29 @@ def test_loss_only_on_reply_tokens(built):
     assert torch.allclose(tb.sequence_loss(model, [y], aid, x["eot"]), base)
     z = dict(x, targets=[(t, None if p is None else [1.0, 0, 0, 0]) for t, p in x["targets"]])
     assert not torch.allclose(tb.sequence_loss(model, [z], aid, x["eot"]), base)   # the soft target counts
+
+
+def test_copy_rate_reads_the_workflow_along_its_own_path(built):
+    """copy_rate averages P(workflow move) over the workflow's own turns: a stub model that always puts all its mass on
+    "up" scores exactly the fraction of "up" moves in the workflow, with and without the skill."""
+    _, tok = tb.load_base(device="cpu", dtype=torch.float32, recipe=SMALL, cache_root=built[0], progress=False)
+    up = tok.convert_tokens_to_ids(tb.ACTION_REPLIES[0])
+
+    class AlwaysUp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids):
+            logits = torch.zeros(*input_ids.shape, len(tok))
+            logits[..., up] = 50.0
+            return type("Out", (), {"logits": logits})()
+
+    level = es.load_levels("easy", "test")[0]       # player (1, 2): the moves below never end the episode
+    skill = skills_lib.Skill("", "", "Moves from the start (loops and bumps removed):\n1. at (row 1, col 2): up\n"
+                             "2. at (row 1, col 2): right\n3. at (row 1, col 3): up\n4. at (row 1, col 3): left")
+    teacher, student = tb.copy_rate(AlwaysUp(), tok, [level], [skill], 12)
+    assert teacher == pytest.approx(50.0) and student == pytest.approx(50.0)
+    no_workflow = skills_lib.Skill("", "", "No successful workflow yet.")
+    teacher, student = tb.copy_rate(AlwaysUp(), tok, [level, level], [no_workflow, skill], 12)
+    assert teacher == pytest.approx(50.0)                           # a skill without a workflow is skipped
