@@ -519,6 +519,7 @@ def copy_rate(model, tokenizer, levels, skills, max_turns) -> tuple:
     device = next(model.parameters()).device
     teacher, student = [], []
     for level, skill in zip(levels, skills):
+        # the lines workflow_moves reads, but every move in order (workflow_moves keeps one move per cell)
         moves = re.findall(r"^\s*\d+\.\s+at \(row \d+, col \d+\):\s+(up|down|left|right)\b", skill.golden_workflow,
                            re.M)
         turns = [(f"<action>{m}</action>", (0.25,) * 4) for m in moves][:max_turns]
@@ -545,20 +546,20 @@ def measure(model, tokenizer, preset="easy", samples=8, max_turns=None, num_leve
     greedy, _ = _play(model, tokenizer, levels, plain, 1, 0.0, seed, max_turns)
     out = {"levels": len(levels), "samples": samples, "student_acc": _acc(res), "student_greedy": _acc(greedy),
            "student_format_error_pct": _fmt(res)}
-    skills, skill_objs, have = {}, {}, []
+    skills, have = {}, []
     for i in range(len(levels)):     # own skill: the shortest successful episode of the student's samples
         wins = [ep for ep in eps[i] if ep.result()["success"]]
         if wins:
-            skill_objs[i] = make_skill(min(wins, key=lambda e: e.result()["turns"]))
-            skills[i] = skill_objs[i].to_prompt()
+            skills[i] = make_skill(min(wins, key=lambda e: e.result()["turns"]))
             have.append(i)
     out["levels_with_skill"] = len(have)
     if len(have) < 2:
         return out
-    other = {i: skills[have[(k + 1) % len(have)]] for k, i in enumerate(have)}      # another level's success
+    prompt = {i: skills[i].to_prompt() for i in have}
+    other = {i: prompt[have[(k + 1) % len(have)]] for k, i in enumerate(have)}      # another level's success
     sub = [levels[i] for i in have]
     fresh, _ = _play(model, tokenizer, sub, plain, samples, 1.0, seed + 1, max_turns)
-    own = lambda k, ep: skills_lib.with_skill(ep.initial_messages(), skills[have[k]])
+    own = lambda k, ep: skills_lib.with_skill(ep.initial_messages(), prompt[have[k]])
     mis = lambda k, ep: skills_lib.with_skill(ep.initial_messages(), other[have[k]])
     t_own, _ = _play(model, tokenizer, sub, own, samples, 1.0, seed + 2, max_turns)
     t_mis, _ = _play(model, tokenizer, sub, mis, samples, 1.0, seed + 3, max_turns)
@@ -571,7 +572,7 @@ def measure(model, tokenizer, preset="easy", samples=8, max_turns=None, num_leve
                                                                        100 * diff.std(ddof=1) / math.sqrt(len(diff))),
                 "student_greedy_same_levels": _acc(g_stu), "teacher_own_greedy": _acc(g_own),
                 "teacher_format_error_pct": _fmt(t_own),
-                "copy_rate": copy_rate(model, tokenizer, sub, [skill_objs[i] for i in have], max_turns)})
+                "copy_rate": copy_rate(model, tokenizer, sub, [skills[i] for i in have], max_turns)})
     return out
 
 
