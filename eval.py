@@ -212,6 +212,8 @@ def run_label(run: dict, show_lam: bool = False) -> str:
         extras.append("teacher-owned rollouts")
     if cfg["method"] == "skill-sd" and cfg.get("teacher_context") == "ground-truth":
         extras.append("ground-truth teacher")
+    if cfg.get("ref_kl"):
+        extras.append(f"+ KL to base, β = {cfg['ref_kl']:g}")
     if show_lam and cfg["method"] == "skill-sd" and "lam" in cfg:
         extras.append(f"λ = {cfg['lam']:g}")
     name = METHOD_NAMES.get(cfg["method"], cfg["method"])
@@ -251,13 +253,19 @@ def compare_runs(run_dirs: list[str], out_prefix: str | None = None, reference: 
     finals = {label: {seed(r): r["eval"][-1] for r in rs if done(r)} for label, rs in groups.items()}
     unfinished = [os.path.basename(r["dir"].rstrip("/")) for r in runs if not done(r)]
     ref = finals.get(reference, {})
+    # pass@k: the largest k the evaluations report; −log π of the sampled tokens (an entropy estimate, loss.diagnostics)
+    # averaged after the first quarter of training, when the runs have left the base's distribution
+    ks = sorted({int(k[5:]) for r in runs for e in r["eval"][-1:] for k in e if k.startswith("pass@")})
+    pass_k = f"pass@{ks[-1]}" if ks else None
     lines = [f"| method | seeds | Acc (%) | Δ Acc vs base | Δ Acc vs {reference.split()[-1]} (paired) | Comp (%) | "
-             "train success, last 10 it. (%) | eval s.e. per run | min per run |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"{pass_k or 'pass@k'} (%) | train success, last 10 it. (%) | −log π, after it. 1/4 | eval s.e. per run | "
+             "min per run |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     if base:
         b = list(base.values())
         lines.append(f"| Base model | {len(b)} | {_mean_se([100 * e['acc'] for e in b])} | – | – | "
-                     f"{_mean_se([100 * e['comp'] for e in b])} | – | "
+                     f"{_mean_se([100 * e['comp'] for e in b])} | "
+                     f"{_mean_se([100 * e[pass_k] for e in b if pass_k in e])} | – | – | "
                      f"{100 * np.mean([e.get('acc_se', float('nan')) for e in b]):.1f} | – |")
     for label, rs in groups.items():
         fin = finals[label]
@@ -267,11 +275,16 @@ def compare_runs(run_dirs: list[str], out_prefix: str | None = None, reference: 
         train = [100 * np.mean([t.get("acc", t.get("reward", 0.0)) for t in r["train"][-10:]]) for r in rs
                  if r["train"]]
         eval_se = [100 * f["acc_se"] for f in fin.values() if "acc_se" in f]
+        passes = [100 * f[pass_k] for f in fin.values() if pass_k in f]
+        entropy = []                             # per run: mean −log π after the first quarter of its iterations
+        for r in rs:
+            late = [t["entropy_proxy"] for t in r["train"][len(r["train"]) // 4:] if "entropy_proxy" in t]
+            entropy += [np.mean(late)] if late else []
         minutes = [(sum(v for t in r["train"] for k, v in t.items() if k.startswith("time_"))
                     + sum(e.get("seconds", 0.0) for e in r["eval"])) / 60 for r in rs if r["train"]]
         lines.append(f"| {label} | {len(fin)} | {_mean_se(accs)} | {_signed(d_base)} | {_signed(d_ref)} | "
-                     f"{_mean_se([100 * f['comp'] for f in fin.values()])} | {_mean_se(train)} | "
-                     f"{f'{np.mean(eval_se):.1f}' if eval_se else '–'} | "
+                     f"{_mean_se([100 * f['comp'] for f in fin.values()])} | {_mean_se(passes)} | {_mean_se(train)} | "
+                     f"{f'{np.mean(entropy):.2f}' if entropy else '–'} | {f'{np.mean(eval_se):.1f}' if eval_se else '–'} | "
                      f"{f'{np.mean(minutes):.1f}' if minutes else '–'} |")
     table = "\n".join(lines)
     if unfinished:   # a run still going (or stopped early) has no final evaluation: its row counts only finished seeds
@@ -433,7 +446,8 @@ def main(argv=None):
         print(run_table(cfg.paper_table, cfg.seeds, cfg.jobs, cfg.arms, shlex.split(cfg.train_args)))
         return
     if cfg.compare:
-        dirs = sorted({d for pat in cfg.compare for d in glob.glob(pat)})
+        # rows in the order the patterns are given (each pattern's matches sorted), duplicates once
+        dirs = list(dict.fromkeys(d for pat in cfg.compare for d in sorted(glob.glob(pat))))
         if not dirs:
             raise SystemExit(f"--compare: no run directories match {cfg.compare}")
         print(compare_runs(dirs, cfg.out or None))

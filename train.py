@@ -24,6 +24,8 @@ and which loss terms are on:
   --rollout-by teacher         the skill-conditioned teacher samples, ρ^off = π_θ / sg(π_teacher)   (ablation)
   --teacher-context ground-truth    the privileged block instead of a skill
   --lam                        the SDL weight λ (paper: 0.001)
+  --ref-kl β                   labelled variant, not the paper: + β·KL(π_θ ‖ π_θ₀) to the base under the plain prompt
+                               (the PPO-RLHF regulariser), to tell a frozen teacher's regularising from its skill
 
 Deviations and choices (numbered; README refers to them):
   1. Skills are summarised by a deterministic rule-based summariser when the model is the built-in tiny one (it
@@ -98,6 +100,8 @@ class TrainConfig:
     clip_low: float = opt(0.2, "PPO ε_low; DAPO clip-higher")
     clip_high: float = opt(0.28, "PPO ε_high; DAPO clip-higher")
     lam: float = opt(1e-3, "λ, weight of L_SDL; paper Eq. 14")
+    ref_kl: float = opt(0.0, "β of a labelled variant's KL(π_θ ‖ π_θ₀) under the plain prompt, the same ρ·k3 "
+                             "estimator as L_SDL; 0 = off (paper: no KL-to-reference term, method.md §5)")
     # teacher and ablations
     teacher_weights: str = opt("dynamic", "dynamic (θ̄ = θ_old every iteration, paper) | frozen (θ₀)")
     rollout_by: str = opt("student", "student (paper) | teacher (off-policy ablation)")
@@ -182,6 +186,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         cfg.teacher_context = METHOD_CONTEXT[cfg.method]
     if cfg.rollout_by == "teacher" and cfg.teacher_context == "none":
         raise SystemExit("--rollout-by teacher needs a teacher: use --method skill-sd or opd")
+    if cfg.ref_kl < 0:
+        raise SystemExit(f"--ref-kl {cfg.ref_kl}: β must be ≥ 0 (0 = off)")
+    if cfg.ref_kl > 0 and cfg.rollout_by == "teacher":
+        raise SystemExit("--ref-kl is defined for on-policy runs only (the student samples); drop --rollout-by teacher")
     if cfg.group_size < 2:
         raise SystemExit("--group-size must be at least 2 (GRPO normalises within a group)")
     if cfg.micro_batch_size <= 0:
@@ -299,8 +307,9 @@ def ledger_tensors(ledgers, device) -> tuple[torch.Tensor, int]:
 
 
 def ppo_update(cfg, model, optimizer, ledgers, student_prompts, adv, logp_old, logp_teacher, has_teacher, device,
-               rng: np.random.Generator) -> dict:
-    """Phase 7: mini-batch steps on L_GRPO + λ·L_SDL with gradient accumulation over micro-batches.
+               rng: np.random.Generator, logp_ref=None) -> dict:
+    """Phase 7: mini-batch steps on L_GRPO + λ·L_SDL (+ β·KL to θ₀ with --ref-kl) with gradient accumulation over
+    micro-batches.
 
     All per-token tensors live in the ledger frame (column j = ledger token j), whatever prompt each was scored under.
     """
@@ -308,6 +317,8 @@ def ppo_update(cfg, model, optimizer, ledgers, student_prompts, adv, logp_old, l
     sdl_mask = mask * has_teacher[:, None]                                 # (B, T) tokens that have a teacher
     B = len(ledgers)
     stats = {"loss_grpo": [], "loss_sdl": [], "grad_norm": [], "skipped_steps": 0}
+    if logp_ref is not None:
+        stats["loss_ref_kl"] = []
     diag = []
     model.train()
     for _ in range(cfg.epochs):
@@ -317,7 +328,7 @@ def ppo_update(cfg, model, optimizer, ledgers, student_prompts, adv, logp_old, l
             if n_tokens == 0:
                 continue
             optimizer.zero_grad(set_to_none=True)
-            sums, finite = {"grpo": 0.0, "sdl": 0.0}, True
+            sums, finite = {"grpo": 0.0, "sdl": 0.0, "ref_kl": 0.0}, True
             for start in range(0, len(mb), cfg.micro_batch_size):
                 rows = mb[start: start + cfg.micro_batch_size]
                 Tm = max(len(ledgers[i].ids) for i in rows)
@@ -340,6 +351,13 @@ def ppo_update(cfg, model, optimizer, ledgers, student_prompts, adv, logp_old, l
                     total = l_grpo
                 else:
                     total = l_grpo + cfg.lam * l_sdl                       # Eq. 14
+                if logp_ref is not None:
+                    # labelled variant: the same ρ·k3 estimator toward θ₀ under the plain prompt estimates the
+                    # REVERSE KL(π_θ ‖ π_θ₀) (loss.kl_k3_loss, verl's form, would follow the forward KL's gradient);
+                    # it is exactly the frozen-teacher ablation's SDL with the skill taken out of the teacher's prompt
+                    l_ref = loss_lib.sdl_loss(logp, old, logp_ref[rows, :Tm], m, num_tokens=n_tokens)
+                    total = total + cfg.ref_kl * l_ref
+                    sums["ref_kl"] += l_ref.item()
                 if not torch.isfinite(total):
                     finite = False
                     break
@@ -356,6 +374,8 @@ def ppo_update(cfg, model, optimizer, ledgers, student_prompts, adv, logp_old, l
             optimizer.step()
             stats["loss_grpo"].append(sums["grpo"])
             stats["loss_sdl"].append(sums["sdl"])
+            if logp_ref is not None:
+                stats["loss_ref_kl"].append(sums["ref_kl"])
             stats["grad_norm"].append(float(grad_norm))
     out = {k: (float(np.mean(v)) if v else float("nan")) if isinstance(v, list) else v for k, v in stats.items()}
     for key in (diag[0] if diag else {}):
@@ -425,9 +445,11 @@ def train(cfg: TrainConfig) -> dict:
                                       dtype=torch.float32)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
-    # θ₀ for the frozen-teacher ablation: a second copy, reloaded from the base model (not from the checkpoint)
-    frozen = model_lib.load(cfg.model, device=device, dtype=torch.float32)[0].eval() \
-        if cfg.teacher_weights == "frozen" and cfg.teacher_context != "none" else None
+    # θ₀ for the frozen-teacher ablation and the --ref-kl variant: a second copy, reloaded from the base model (not
+    # from the checkpoint); both uses share it
+    need_frozen = (cfg.teacher_weights == "frozen" and cfg.teacher_context != "none") or cfg.ref_kl > 0
+    base_model = model_lib.load(cfg.model, device=device, dtype=torch.float32)[0].eval() if need_frozen else None
+    frozen = base_model if cfg.teacher_weights == "frozen" and cfg.teacher_context != "none" else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     env: Env = make_env(cfg.env, cfg.preset, cfg.max_turns, cfg.format_penalty, cfg.reward,
                         appworld_root=cfg.appworld_root or None,
@@ -526,11 +548,15 @@ def train(cfg: TrainConfig) -> dict:
                                                             micro_batch_size=cfg.micro_batch_size).float()  # (B, T)
             else:
                 logp_teacher = logp_old.clone()
+            # labelled variant: θ₀ under the student's own (plain) prompt, the reference of the KL term
+            logp_ref = model_lib.score_under_prompt(base_model, ledgers, student_prompts, trainable_only=True,
+                                                    micro_batch_size=cfg.micro_batch_size).float() \
+                if cfg.ref_kl > 0 else None                                                     # (B, T)
         times["teacher"] = time.time() - t0
         # 7. update
         t0 = time.time()
         upd = ppo_update(cfg, model, optimizer, ledgers, student_prompts, adv, logp_old, logp_teacher, has_teacher,
-                         device, rng)
+                         device, rng, logp_ref)
         times["update"] = time.time() - t0
         # 8. summarise completed trajectories (skills reach the bank from the next iteration) + bandit update
         t0 = time.time()

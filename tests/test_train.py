@@ -2,6 +2,7 @@
 independence from the batch size. These check the wiring of train.py numerically: logged losses are finite, the SDL
 term is exactly zero where there is no teacher and positive where there is one, checkpoints load in plain
 transformers, and an interrupted + resumed run equals an uninterrupted one bit for bit."""
+import copy
 import json
 import math
 import os
@@ -47,6 +48,7 @@ def params(path):
     ("--method", "skill-sd", "--teacher-weights", "frozen"),
     ("--method", "skill-sd", "--rollout-by", "teacher"),
     ("--method", "skill-sd", "--teacher-context", "ground-truth"),
+    ("--method", "grpo", "--ref-kl", "0.5"),
 ])
 def test_every_method_runs(tmp_path, extra):
     cfg, out, rows = run(tmp_path, "r", *extra)
@@ -54,6 +56,11 @@ def test_every_method_runs(tmp_path, extra):
     for r in rows:
         assert math.isfinite(r["loss_grpo"]) and math.isfinite(r["loss_sdl"]) and r["skipped_steps"] == 0
         assert 0.0 <= r["reward"] <= 1.0 and r["groups"] == 2
+    if cfg.ref_kl:
+        # a KL estimate (its numbers: test_ref_kl_is_the_frozen_teacher_sdl_without_the_skill)
+        assert all(math.isfinite(r["loss_ref_kl"]) and r["loss_ref_kl"] >= 0 for r in rows)
+    else:
+        assert all("loss_ref_kl" not in r for r in rows)
     if cfg.teacher_context == "none":
         assert all(r["loss_sdl"] == 0.0 and r["teacher_task_frac"] == 0.0 for r in rows)
     elif cfg.teacher_context == "ground-truth":
@@ -84,9 +91,45 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert open(tmp_path / "full/ckpt/skill_bank.json").read() == open(tmp_path / "part/ckpt/skill_bank.json").read()
 
 
+def test_ref_kl_is_the_frozen_teacher_sdl_without_the_skill():
+    """The labelled --ref-kl variant adds β·(ρ·k3 toward θ₀ under the plain prompt): one ppo_update of GRPO + β·KL with
+    reference log-probs X must step the weights exactly as Skill-SD with λ = β and a teacher whose log-probs are X."""
+    import numpy as np
+    torch.manual_seed(0)
+    model, tok = model_lib.load("tiny")
+    env = eval_lib.make_env("sokoban", "easy", max_turns=3)
+    episodes = [env.new_episode(t) for t in env.train_tasks[:2] for _ in range(2)]
+    ledgers = model_lib.rollout(model, tok, episodes, model_lib.SamplingConfig(max_new_tokens=6),
+                                generator=torch.Generator().manual_seed(0), step_fn=env.step_fn)
+    prompts = [l.ids[: l.prompt_len] for l in ledgers]
+    with torch.no_grad():
+        logp_old = model_lib.score_under_prompt(model, ledgers, prompts, trainable_only=True)    # (B, T)
+    reference = logp_old + 0.3 * torch.randn(logp_old.shape, generator=torch.Generator().manual_seed(1))  # (B, T)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    results = []
+    for argv, teacher, has_teacher, ref in (
+            (["--method", "grpo", "--ref-kl", "0.5"], logp_old, torch.zeros(4), reference),
+            (["--method", "skill-sd", "--lam", "0.5"], reference, torch.ones(4), None)):
+        cfg = train.parse_args(SMALL + argv)
+        m = copy.deepcopy(model)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        stats = train.ppo_update(cfg, m, opt, ledgers, prompts, adv, logp_old, teacher, has_teacher,
+                                 torch.device("cpu"), np.random.default_rng(0), logp_ref=ref)
+        results.append((stats, {k: v.clone() for k, v in m.state_dict().items()}))
+    (a, wa), (b, wb) = results
+    assert a["loss_ref_kl"] == pytest.approx(b["loss_sdl"], rel=1e-6) and a["loss_ref_kl"] > 0
+    assert a["loss_grpo"] == pytest.approx(b["loss_grpo"], rel=1e-6)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-7) for k in wa)
+    assert not all(torch.equal(wa[k], v) for k, v in model.state_dict().items())
+
+
 def test_bad_flags_give_clear_errors():
     with pytest.raises(SystemExit, match="--method"):
         train.parse_args(["--method", "ppo"])
+    with pytest.raises(SystemExit, match="ref-kl"):
+        train.parse_args(["--ref-kl", "-1"])
+    with pytest.raises(SystemExit, match="on-policy"):
+        train.parse_args(["--ref-kl", "0.1", "--rollout-by", "teacher"])
     with pytest.raises(SystemExit, match="group-size"):
         train.parse_args(["--group-size", "1"])
     with pytest.raises(SystemExit, match="no checkpoint"):
@@ -117,16 +160,20 @@ def test_compare_runs_table(tmp_path, capsys):
         d = tmp_path / name
         d.mkdir()
         (d / "config.json").write_text(json.dumps(cfg))
-        (d / "log.jsonl").write_text("".join(json.dumps({"iteration": i, "acc": 0.1 * i, "time_update": 30.0}) + "\n"
-                                             for i in (1, 2)))
+        (d / "log.jsonl").write_text("".join(json.dumps({"iteration": i, "acc": 0.1 * i, "time_update": 30.0,
+                                                         "entropy_proxy": 0.1 * i}) + "\n" for i in (1, 2)))
         base = 0.0 if cfg["seed"] == 0 else 0.5
         (d / "eval.jsonl").write_text(json.dumps({"iteration": 0, "acc": base, "comp": base, "seconds": 60}) + "\n"
-                                      + json.dumps({"iteration": 2, "acc": acc, "comp": acc / 2, "acc_se": 0.03})
+                                      + json.dumps({"iteration": 2, "acc": acc, "comp": acc / 2, "acc_se": 0.03,
+                                                    "pass@2": min(1.0, 1.5 * acc)})
                                       + "\n{broken")
     table = eval_lib.compare_runs([str(tmp_path / n) for n, _, _ in runs], str(tmp_path / "report"))
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()[2:]}
     assert rows["Base model"][:2] == ["2", "25.0 ± 25.0"]
-    assert rows["Vanilla GRPO"] == ["2", "50.0 ± 25.0", "+25.0 ± 0.0", "–", "25.0 ± 12.5", "15.0 ± 0.0", "3.0", "2.0"]
+    assert table.splitlines()[0].count("|") == 12 and "pass@2 (%)" in table.splitlines()[0]
+    # pass@2 of the two seeds: 37.5 and 100; −log π: the mean of iterations 1–2 (a quarter of 2 drops none): 0.15
+    assert rows["Vanilla GRPO"] == ["2", "50.0 ± 25.0", "+25.0 ± 0.0", "–", "25.0 ± 12.5", "68.8 ± 31.2",
+                                    "15.0 ± 0.0", "0.15", "3.0", "2.0"]
     assert rows["Skill-SD"][:5] == ["1", "50.0", "+50.0", "+25.0", "25.0"]   # λ shown only once two differ
     assert rows["Skill-SD (λ = 0.5)"][:4] == ["1", "37.5", "+37.5", "+12.5"]
     assert rows["Skill-SD (frozen teacher)"][:4] == ["1", "12.5", "+12.5", "-12.5"]
