@@ -64,7 +64,8 @@ plain player repeated its last move, RL broke the reading (0.85 -> 0.69) and the
 
 Run: `python tiny_base.py` (build or load, print the path), `python tiny_base.py --measure` (pre-RL measurements:
 student / teacher-with-own-skill / mismatched-skill Acc, format errors, copy rate; `--model <ckpt>` after RL),
-`python -m pytest -q tests/test_tiny_base.py`.
+`python tiny_base.py --recipe p_follow=0.75 --measure` (a variant organism in its own cache folder; pass the printed
+path to train.py as --model), `python -m pytest -q tests/test_tiny_base.py`.
 """
 from __future__ import annotations
 
@@ -600,9 +601,21 @@ if __name__ == "__main__":
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--model", default="", help="measure this model folder instead of the base")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--recipe", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="a variant organism: override RECIPE entries (e.g. p_follow=0.75); it gets its own cache "
+                         "folder, whose path train.py takes as --model (the tiny profile applies to it too)")
     args = ap.parse_args()
+    overrides = {}
+    for item in args.recipe:
+        key, sep, value = item.partition("=")
+        if not sep or key not in RECIPE:
+            raise SystemExit(f"--recipe {item!r}: use KEY=VALUE with KEY one of {sorted(RECIPE)}")
+        try:
+            overrides[key] = type(RECIPE[key])(float(value) if isinstance(RECIPE[key], float) else int(value))
+        except ValueError:
+            raise SystemExit(f"--recipe {item!r}: {key} takes a {type(RECIPE[key]).__name__}")
     torch.set_num_threads(args.threads)
-    path = args.model or ensure_built(rebuild=args.rebuild)
+    path = args.model or ensure_built(overrides, rebuild=args.rebuild)
     print(path)
     if args.measure:
         t0 = time.time()

@@ -151,6 +151,14 @@ DEFAULT_MODEL = {"sokoban": "tiny-sokoban", "appworld": "Qwen/Qwen3-4B-Instruct-
 METHOD_CONTEXT = {"skill-sd": "skill", "opd": "ground-truth", "grpo": "none", "skill-grpo": "none"}
 
 
+def tiny_profile(model: str) -> dict:
+    """The tiny profile of a built-in model name, or of a tiny_base cache folder (a variant organism built with
+    `tiny_base.py --recipe ...` lives in ~/.cache/skill-sd/tiny-sokoban-<hash>); {} for any other model."""
+    if model in TINY_PROFILES:
+        return TINY_PROFILES[model]
+    return TINY_PROFILES["tiny-sokoban"] if os.path.basename(model.rstrip("/")).startswith("tiny-sokoban-") else {}
+
+
 def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -170,7 +178,7 @@ def parse_args(argv=None) -> TrainConfig:
         cfg = TrainConfig(**{**saved, **given, "run_dir": given["resume"]})
     else:
         given.setdefault("model", DEFAULT_MODEL.get(given.get("env", "sokoban"), ""))
-        cfg = TrainConfig(**{**TINY_PROFILES.get(given["model"], {}), **given})
+        cfg = TrainConfig(**{**tiny_profile(given["model"]), **given})
     return validate(cfg)
 
 

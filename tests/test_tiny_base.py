@@ -176,3 +176,24 @@ def test_copy_rate_reads_the_workflow_along_its_own_path(built):
     no_workflow = skills_lib.Skill("", "", "No successful workflow yet.")
     teacher, student = tb.copy_rate(AlwaysUp(), tok, [level, level], [no_workflow, skill], 12)
     assert teacher == pytest.approx(50.0)                           # a skill without a workflow is skipped
+
+
+def test_recipe_flag_rejects_unknown_keys_and_bad_values():
+    """`tiny_base.py --recipe` builds variant organisms; a typo must say which keys exist, before any build starts."""
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for arg, expected in (("p_folow=0.5", "KEY one of"), ("p_follow=high", "takes a float"), ("p_follow", "KEY=VALUE")):
+        out = subprocess.run([sys.executable, os.path.join(here, "tiny_base.py"), "--recipe", arg],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and expected in out.stderr and "Traceback" not in out.stderr
+
+
+def test_variant_organism_folders_get_the_tiny_profile():
+    import train
+    variant = os.path.join(tb.CACHE_ROOT, "tiny-sokoban-0123456789ab")
+    cfg = train.parse_args(["--model", variant, "--run-dir", os.devnull])
+    profile = train.TINY_PROFILES["tiny-sokoban"]
+    assert all(getattr(cfg, k) == v for k, v in profile.items()) and cfg.summarizer == "rule"
+    other = train.parse_args(["--model", "/models/Qwen3-4B", "--run-dir", os.devnull])
+    assert other.lam == 1e-3 and other.max_turns == 40 and other.summarizer == "policy"
