@@ -611,7 +611,7 @@ if __name__ == "__main__":
         if not sep or key not in RECIPE:
             raise SystemExit(f"--recipe {item!r}: use KEY=VALUE with KEY one of {sorted(RECIPE)}")
         try:
-            overrides[key] = type(RECIPE[key])(float(value) if isinstance(RECIPE[key], float) else int(value))
+            overrides[key] = type(RECIPE[key])(value)      # every RECIPE entry is an int or a float
         except ValueError:
             raise SystemExit(f"--recipe {item!r}: {key} takes a {type(RECIPE[key]).__name__}")
     torch.set_num_threads(args.threads)

@@ -455,9 +455,10 @@ def train(cfg: TrainConfig) -> dict:
         model.gradient_checkpointing_enable()
     # θ₀ for the frozen-teacher ablation and the --ref-kl variant: a second copy, reloaded from the base model (not
     # from the checkpoint); both uses share it
-    need_frozen = (cfg.teacher_weights == "frozen" and cfg.teacher_context != "none") or cfg.ref_kl > 0
-    base_model = model_lib.load(cfg.model, device=device, dtype=torch.float32)[0].eval() if need_frozen else None
-    frozen = base_model if cfg.teacher_weights == "frozen" and cfg.teacher_context != "none" else None
+    frozen_teacher = cfg.teacher_weights == "frozen" and cfg.teacher_context != "none"
+    base_model = model_lib.load(cfg.model, device=device, dtype=torch.float32)[0].eval() \
+        if frozen_teacher or cfg.ref_kl > 0 else None
+    frozen = base_model if frozen_teacher else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     env: Env = make_env(cfg.env, cfg.preset, cfg.max_turns, cfg.format_penalty, cfg.reward,
                         appworld_root=cfg.appworld_root or None,
