@@ -52,6 +52,7 @@ class Env:
     step_fn: Callable | None = None        # batched stepping (AppWorld: parallel servers); None = one by one
     close: Callable = lambda: None
     max_context: int = 8192
+    skill_covers: Callable | None = None   # (skill text, observation text) -> bool; Sokoban only (--sdl-mask covered)
 
 
 def task_key(task) -> str:
@@ -68,7 +69,8 @@ def make_env(name: str, preset: str = "paper", max_turns: int = 40, format_penal
             return env_sokoban.SokobanEpisode(level, max_turns=max_turns, format_penalty=format_penalty,
                                               reward=reward)
         return Env("sokoban", env_sokoban.load_levels(preset, "train"), env_sokoban.load_levels(preset, "test"),
-                   new_episode, step_fn=env_sokoban.step_episodes, max_context=8192)
+                   new_episode, step_fn=env_sokoban.step_episodes, max_context=8192,
+                   skill_covers=env_sokoban.skill_covers)
     if name == "appworld":
         import env_appworld  # imported lazily: Sokoban users need no AppWorld set-up at all
         aw = env_appworld.AppWorldEnv(root=appworld_root, appworld_bin=appworld_bin, num_slots=appworld_slots,
@@ -214,6 +216,10 @@ def run_label(run: dict, show_lam: bool = False) -> str:
         extras.append("ground-truth teacher")
     if cfg.get("ref_kl"):
         extras.append(f"+ KL to base, β = {cfg['ref_kl']:g}")
+    if cfg.get("sdl_mask", "all") != "all":
+        extras.append(f"SDL on {cfg['sdl_mask']} turns")
+    if cfg.get("lam_warmdown"):
+        extras.append(f"λ → 0 at it. {cfg['lam_warmdown']}")
     if show_lam and cfg["method"] == "skill-sd" and "lam" in cfg:
         extras.append(f"λ = {cfg['lam']:g}")
     name = METHOD_NAMES.get(cfg["method"], cfg["method"])

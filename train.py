@@ -26,6 +26,10 @@ and which loss terms are on:
   --lam                        the SDL weight λ (paper: 0.001)
   --ref-kl β                   labelled variant, not the paper: + β·KL(π_θ ‖ π_θ₀) to the base under the plain prompt
                                (the PPO-RLHF regulariser), to tell a frozen teacher's regularising from its skill
+  --lam-warmdown K              labelled variant, not the paper: λ falls linearly to 0 at iteration K
+  --sdl-mask covered           labelled variant, not the paper: L_SDL only on turns whose state the skill speaks about
+                               (Sokoban: the player's cell is one of the skill's keys); every skill-teacher run logs
+                               ℓ on the covered and the uncovered turns (ell_mean_covered / _uncovered, covered_frac)
 
 Deviations and choices (numbered; README refers to them):
   1. Skills are summarised by a deterministic rule-based summariser when the model is the built-in tiny one (it
@@ -60,6 +64,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import env_sokoban
 import loss as loss_lib
 import model as model_lib
 import skills as skills_lib
@@ -80,7 +85,7 @@ class TrainConfig:
     seed: int = opt(0, "seed of task order, sampling and summaries")
     iterations: int = opt(180, "training iterations; paper Sokoban ≈180, AppWorld ≈300 (curves, method.md §8)")
     # tasks and rollouts
-    preset: str = opt("paper", "Sokoban level set: paper (6x6, 2 boxes) | easy (6x6, 1 box)")
+    preset: str = opt("paper", "Sokoban level set: paper (6x6, 2 boxes) | easy (6x6, 1 box) | hard (easy rooms needing 5+ moves)")
     tasks_per_iter: int = opt(8, "tasks per iteration; 8 x 8 = the paper preset of the GPU issue (SDAR uses 16)")
     group_size: int = opt(8, "G rollouts per task; verl-agent, SDPO, TRL use 8")
     max_turns: int = opt(40, "turns per episode; paper: 40")
@@ -100,8 +105,12 @@ class TrainConfig:
     clip_low: float = opt(0.2, "PPO ε_low; DAPO clip-higher")
     clip_high: float = opt(0.28, "PPO ε_high; DAPO clip-higher")
     lam: float = opt(1e-3, "λ, weight of L_SDL; paper Eq. 14")
+    lam_warmdown: int = opt(0, "labelled variant: λ falls linearly to 0 at this iteration and stays 0 (0 = constant "
+                               "λ, the paper; SDAR has an optional warm-down, off in its scripts)")
     ref_kl: float = opt(0.0, "β of a labelled variant's KL(π_θ ‖ π_θ₀) under the plain prompt, the same ρ·k3 "
                              "estimator as L_SDL; 0 = off (paper: no KL-to-reference term, method.md §5)")
+    sdl_mask: str = opt("all", "all (paper: L_SDL on every token that has a teacher) | covered (labelled variant: only "
+                               "on turns whose state the skill speaks about; Sokoban, skill teachers)")
     # teacher and ablations
     teacher_weights: str = opt("dynamic", "dynamic (θ̄ = θ_old every iteration, paper) | frozen (θ₀)")
     rollout_by: str = opt("student", "student (paper) | teacher (off-policy ablation)")
@@ -186,7 +195,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     choices = {"env": ("sokoban", "appworld"), "method": tuple(METHOD_CONTEXT), "reward": ("completion", "success",
                "gym"), "teacher_weights": ("dynamic", "frozen"), "rollout_by": ("student", "teacher"),
                "teacher_context": ("", "skill", "ground-truth"),
-               "summarizer": ("auto", "rule", "policy", "model", "http"), "preset": ("paper", "easy")}
+               "summarizer": ("auto", "rule", "policy", "model", "http"), "preset": tuple(env_sokoban.PRESETS)}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"--{key.replace('_', '-')} {getattr(cfg, key)!r}: choose one of {allowed}")
@@ -198,14 +207,20 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit(f"--ref-kl {cfg.ref_kl}: β must be ≥ 0 (0 = off)")
     if cfg.ref_kl > 0 and cfg.rollout_by == "teacher":
         raise SystemExit("--ref-kl is defined for on-policy runs only (the student samples); drop --rollout-by teacher")
+    if cfg.lam_warmdown < 0:
+        raise SystemExit(f"--lam-warmdown {cfg.lam_warmdown}: give the iteration at which λ reaches 0 (0 = off)")
+    if cfg.sdl_mask not in ("all", "covered"):
+        raise SystemExit(f"--sdl-mask {cfg.sdl_mask!r}: choose one of ('all', 'covered')")
+    if cfg.sdl_mask == "covered" and (cfg.env != "sokoban" or cfg.teacher_context != "skill"):
+        raise SystemExit("--sdl-mask covered needs --env sokoban and a skill teacher (--method skill-sd): coverage is "
+                         "read from the player's cell, which the Sokoban skills key their advice by")
     if cfg.group_size < 2:
         raise SystemExit("--group-size must be at least 2 (GRPO normalises within a group)")
     if cfg.micro_batch_size <= 0:
         cfg.micro_batch_size = 1 if model_lib.pick_device(cfg.device).type == "cpu" else 8
     if cfg.summarizer == "auto":
         # the built-in models cannot write a JSON skill: they use the rule-based summariser (choice 1)
-        builtin = cfg.model in TINY_PROFILES or "tiny-sokoban" in os.path.basename(cfg.model.rstrip("/"))
-        cfg.summarizer = "rule" if builtin else "policy"
+        cfg.summarizer = "rule" if tiny_profile(cfg.model) else "policy"
     if not cfg.run_dir:
         cfg.run_dir = os.path.join("runs", f"{cfg.method}-{cfg.env}-s{cfg.seed}")
     return cfg
@@ -314,15 +329,46 @@ def ledger_tensors(ledgers, device) -> tuple[torch.Tensor, int]:
     return mask, T
 
 
+def lam_at(cfg: TrainConfig, iteration: int) -> float:
+    """λ at a 0-based iteration: the paper's constant, or with --lam-warmdown K (a labelled variant) λ·(1 − it/K),
+    0 from iteration K on: the teacher's edge is largest before the student has learned the training tasks."""
+    return cfg.lam if cfg.lam_warmdown <= 0 else cfg.lam * max(0.0, 1.0 - iteration / cfg.lam_warmdown)
+
+
+def covered_tokens(ledgers, tokenizer, skill_texts, covers, device) -> torch.Tensor:
+    """(B, T) 1 on the trainable tokens of the turns whose state the row's skill speaks about (covers(skill, text) on
+    the text the policy read since its previous reply: the first prompt, then each observation segment); 0 on every
+    other token and on rows without a skill. A turn is one run of trainable tokens (reply + end-of-turn token)."""
+    out = torch.zeros(len(ledgers), max(len(l.ids) for l in ledgers), device=device)     # (B, T)
+    for b, (l, skill) in enumerate(zip(ledgers, skill_texts)):
+        if not skill:
+            continue
+        seen_from, j = 0, 0
+        while j < len(l.trainable):
+            if not l.trainable[j]:
+                j += 1
+                continue
+            end = j
+            while end < len(l.trainable) and l.trainable[end]:
+                end += 1
+            if covers(skill, tokenizer.decode(l.ids[seen_from:j])):
+                out[b, j:end] = 1.0
+            seen_from, j = end, end
+    return out
+
+
 def ppo_update(cfg, model, optimizer, ledgers, student_prompts, adv, logp_old, logp_teacher, has_teacher, device,
-               rng: np.random.Generator, logp_ref=None) -> dict:
+               rng: np.random.Generator, logp_ref=None, sdl_tokens=None, lam=None) -> dict:
     """Phase 7: mini-batch steps on L_GRPO + λ·L_SDL (+ β·KL to θ₀ with --ref-kl) with gradient accumulation over
-    micro-batches.
+    micro-batches. sdl_tokens (B, T), if given, further restricts L_SDL to those tokens (--sdl-mask covered); lam
+    overrides cfg.lam (--lam-warmdown).
 
     All per-token tensors live in the ledger frame (column j = ledger token j), whatever prompt each was scored under.
     """
     mask, T = ledger_tensors(ledgers, device)                              # (B, T)
     sdl_mask = mask * has_teacher[:, None]                                 # (B, T) tokens that have a teacher
+    if sdl_tokens is not None:
+        sdl_mask = sdl_mask * sdl_tokens                                   # (B, T) labelled variant: covered turns
     B = len(ledgers)
     stats = {"loss_grpo": [], "loss_sdl": [], "grad_norm": [], "skipped_steps": 0}
     if logp_ref is not None:
@@ -358,7 +404,7 @@ def ppo_update(cfg, model, optimizer, ledgers, student_prompts, adv, logp_old, l
                 elif cfg.teacher_context == "none":
                     total = l_grpo
                 else:
-                    total = l_grpo + cfg.lam * l_sdl                       # Eq. 14
+                    total = l_grpo + (cfg.lam if lam is None else lam) * l_sdl   # Eq. 14
                 if logp_ref is not None:
                     # labelled variant: the same ρ·k3 estimator toward θ₀ under the plain prompt estimates the
                     # REVERSE KL(π_θ ‖ π_θ₀) (loss.kl_k3_loss, verl's form, would follow the forward KL's gradient);
@@ -561,11 +607,24 @@ def train(cfg: TrainConfig) -> dict:
             logp_ref = model_lib.score_under_prompt(base_model, ledgers, student_prompts, trainable_only=True,
                                                     micro_batch_size=cfg.micro_batch_size).float() \
                 if cfg.ref_kl > 0 else None                                                     # (B, T)
+        # where the skill speaks (Sokoban: the player's cell is in it) vs elsewhere: ℓ at θ_old on each part, logged
+        # for every skill teacher; the labelled variant --sdl-mask covered keeps L_SDL on the covered part only
+        coverage, covered = {}, None
+        if env.skill_covers and cfg.teacher_context == "skill" and has_teacher.any():
+            covered = covered_tokens(ledgers, tokenizer, [c[1] if c else "" for c in block], env.skill_covers,
+                                     device)                                                       # (B, T)
+            taught = ledger_tensors(ledgers, device)[0] * has_teacher[:, None]                    # (B, T)
+            ell = logp_old - logp_teacher                                                          # (B, T)
+            for name, part in (("covered", taught * covered), ("uncovered", taught * (1 - covered))):
+                n = float(part.sum())
+                coverage[f"ell_mean_{name}"] = float((ell * part).sum()) / n if n else float("nan")
+            coverage["covered_frac"] = float((taught * covered).sum()) / max(1.0, float(taught.sum()))
         times["teacher"] = time.time() - t0
         # 7. update
         t0 = time.time()
         upd = ppo_update(cfg, model, optimizer, ledgers, student_prompts, adv, logp_old, logp_teacher, has_teacher,
-                         device, rng, logp_ref)
+                         device, rng, logp_ref, sdl_tokens=covered if cfg.sdl_mask == "covered" else None,
+                         lam=lam_at(cfg, it))
         times["update"] = time.time() - t0
         # 8. summarise completed trajectories (skills reach the bank from the next iteration) + bandit update
         t0 = time.time()
@@ -583,7 +642,7 @@ def train(cfg: TrainConfig) -> dict:
         collapse = monitor.update(float(rewards.mean()), fmt_rate)
         n_trainable = [sum(l.trainable) for l in ledgers]
         row = {"iteration": it + 1, "reward": float(rewards.mean()), "acc": success,
-               "comp": float(np.mean([r["completion"] for r in results])), **upd,
+               "comp": float(np.mean([r["completion"] for r in results])), **upd, **coverage, "lam": lam_at(cfg, it),
                "zero_var_groups": zero_var, "groups": len(tasks), "format_error_rate": fmt_rate,
                "teacher_task_frac": float(has_teacher.mean()),
                "skill_in_prompt_frac": float(np.mean([c is not None for c in block])) if cfg.method == "skill-grpo"

@@ -251,7 +251,7 @@ def test_paper_preset_pinned():
     assert train[0].task_id == "sokoban-paper-10083" and all(lv.max_steps == 40 for lv in train + test)
 
 
-@pytest.mark.parametrize("preset", ["paper", "easy"])
+@pytest.mark.parametrize("preset", ["paper", "easy", "hard"])
 def test_every_preset_level_is_solvable_and_splits_are_disjoint(preset):
     cfg = E.PRESETS[preset]
     train, test = E.load_levels(preset, "train"), E.load_levels(preset, "test")
@@ -264,7 +264,7 @@ def test_every_preset_level_is_solvable_and_splits_are_disjoint(preset):
         assert lv.effective_seed == lv.seed and lv.num_boxes == cfg.num_boxes
         assert lv.task_id == f"sokoban-{preset}-{lv.seed}"
         plan = E.solve(lv.room_fixed, lv.room_state)
-        assert len(plan) == lv.optimal_length <= lv.max_steps
+        assert cfg.min_optimal_length <= len(plan) == lv.optimal_length <= lv.max_steps
         game, _ = play(lv.room_fixed, lv.room_state, lv.optimal_plan, lv.max_steps)
         assert game.solved
         assert grid(lv.room_fixed, lv.room_state) == grid(*E.generate_room(cfg.dim_room, cfg.num_boxes,
@@ -273,10 +273,20 @@ def test_every_preset_level_is_solvable_and_splits_are_disjoint(preset):
         lv.room_state[0, 0] = 1                                         # shared levels are read-only
     if preset == "easy":                                                # seed 1000026 repeats training seed 10069
         assert 1000026 not in {lv.seed for lv in test} and 10069 in {lv.seed for lv in train}
+    if preset == "hard":    # every skipped seed in the test range failed, needs < 5 moves, or repeats a training room
+        kept = {lv.seed for lv in test}
+        for seed in range(cfg.test_seed_start, test[-1].seed + 1):
+            if seed in kept:
+                continue
+            try:
+                lv = E._level("hard", seed, seed, cfg.dim_room, cfg.num_boxes, cfg.search_depth, cfg.max_steps)
+            except E.SokobanGenerationError:
+                continue
+            assert lv.optimal_length < 5 or grid(lv.room_fixed, lv.room_state) in train_rooms, seed
 
 
 def test_load_levels_bad_arguments():
-    for preset, split in (("hard", "train"), ("paper", "dev")):
+    for preset, split in (("medium", "train"), ("paper", "dev")):
         with pytest.raises(ValueError):
             E.load_levels(preset, split)
 
@@ -451,3 +461,21 @@ def test_step_episodes_batches():
     assert all(ep.game.steps == 1 for ep in eps)
     with pytest.raises(ValueError):
         E.step_episodes(eps, replies[:2])
+
+
+def test_skill_covers_reads_the_players_cell():
+    """A skill covers a state when the observation's (last) player cell is one of the skill's keys "at (row r, col c)"."""
+    skill = ("Turn 2: at (row 1, col 3), up walked into a wall (nothing moved).\n"
+             "Moves from the start:\n1. at (row 2, col 1): right\n2. at (row 2, col 2): right (push the box)")
+    obs = lambda cell: f"Turn 3/12. Boxes on target: 0/1.\nYou are at {E.position_text(cell)}.\n# # #"
+    assert E.skill_covers(skill, obs((2, 1))) and E.skill_covers(skill, obs((1, 3)))
+    assert not E.skill_covers(skill, obs((1, 2))) and not E.skill_covers(skill, obs((3, 1)))
+    assert E.skill_covers(skill, obs((3, 3)) + "\n" + obs((2, 2)))       # the latest position counts
+    assert not E.skill_covers(skill, obs((3, 3)) + "\n" + obs((1, 1)))
+    assert not E.skill_covers(skill, "Solved: every box is on a target.")
+    assert not E.skill_covers("No successful workflow yet.", obs((2, 1)))
+    # the real observation's wording
+    level = E.load_levels("easy", "test")[0]
+    ep = E.SokobanEpisode(level, max_turns=12)
+    text = ep.initial_messages()[-1]["content"]
+    assert E.skill_covers(f"1. at {E.position_text(ep.game.player)}: up", text)

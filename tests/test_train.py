@@ -49,6 +49,7 @@ def params(path):
     ("--method", "skill-sd", "--rollout-by", "teacher"),
     ("--method", "skill-sd", "--teacher-context", "ground-truth"),
     ("--method", "grpo", "--ref-kl", "0.5"),
+    ("--method", "skill-sd", "--sdl-mask", "covered", "--lam-warmdown", "2"),
 ])
 def test_every_method_runs(tmp_path, extra):
     cfg, out, rows = run(tmp_path, "r", *extra)
@@ -69,7 +70,10 @@ def test_every_method_runs(tmp_path, extra):
     else:
         # cold start: no skill in iteration 1 (banks are empty), skills summarised after it serve iteration 2
         assert rows[0]["teacher_task_frac"] == 0.0 and rows[0]["loss_sdl"] == 0.0
-        assert rows[1]["teacher_task_frac"] == 1.0 and rows[1]["loss_sdl"] > 0
+        assert rows[1]["teacher_task_frac"] == 1.0 and rows[1]["loss_sdl"] > 0 or cfg.sdl_mask == "covered"
+        # where the skill speaks vs elsewhere, logged for every skill teacher (random model: coverage is by chance)
+        assert 0.0 <= rows[1]["covered_frac"] <= 1.0 and "ell_mean_uncovered" in rows[1]
+        assert [r["lam"] for r in rows] == ([cfg.lam, cfg.lam / 2] if cfg.lam_warmdown else [cfg.lam] * 2)
     # the checkpoint is a plain HF folder
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "r" / "ckpt" / "model"))
@@ -123,6 +127,71 @@ def test_ref_kl_is_the_frozen_teacher_sdl_without_the_skill():
     assert not all(torch.equal(wa[k], v) for k, v in model.state_dict().items())
 
 
+def test_covered_tokens_mark_whole_turns_by_what_the_policy_read():
+    """covered_tokens marks a turn's trainable run iff covers(skill, text read since the previous reply) is true; here
+    covers reads the turn counter of the observation, so the expected mask is exactly each ledger's second turn."""
+    import itertools
+    torch.manual_seed(0)
+    model, tok = model_lib.load("tiny")
+    env = eval_lib.make_env("sokoban", "easy", max_turns=3)
+    episodes = [env.new_episode(t) for t in env.train_tasks[:3]]
+    ledgers = model_lib.rollout(model, tok, episodes, model_lib.SamplingConfig(max_new_tokens=6),
+                                generator=torch.Generator().manual_seed(0), step_fn=env.step_fn)
+    covers = lambda skill, text: skill == "s" and "Turn 2/3" in text
+    got = train.covered_tokens(ledgers, tok, ["s", "s", ""], covers, torch.device("cpu"))
+    assert got.shape == (3, max(len(l.ids) for l in ledgers))
+    for b, l in enumerate(ledgers):
+        runs, j = [], 0
+        for flag, group in itertools.groupby(l.trainable):
+            n = len(list(group))
+            runs += [(j, j + n)] if flag else []
+            j += n
+        want = torch.zeros(got.shape[1])
+        if b < 2 and len(runs) >= 2:
+            want[runs[1][0]:runs[1][1]] = 1.0
+        assert torch.equal(got[b], want), b
+    assert got[:2].sum() > 0 and got[2].sum() == 0
+
+
+def test_sdl_mask_restricts_only_the_sdl_term():
+    """ppo_update's sdl_tokens (--sdl-mask covered): all zeros steps exactly like GRPO, all ones exactly like no mask,
+    a partial mask like neither."""
+    import numpy as np
+    torch.manual_seed(0)
+    model, tok = model_lib.load("tiny")
+    env = eval_lib.make_env("sokoban", "easy", max_turns=3)
+    episodes = [env.new_episode(t) for t in env.train_tasks[:2] for _ in range(2)]
+    ledgers = model_lib.rollout(model, tok, episodes, model_lib.SamplingConfig(max_new_tokens=6),
+                                generator=torch.Generator().manual_seed(0), step_fn=env.step_fn)
+    prompts = [l.ids[: l.prompt_len] for l in ledgers]
+    with torch.no_grad():
+        logp_old = model_lib.score_under_prompt(model, ledgers, prompts, trainable_only=True)    # (B, T)
+    teacher = logp_old + 0.5 * torch.randn(logp_old.shape, generator=torch.Generator().manual_seed(1))  # (B, T)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    half = train.ledger_tensors(ledgers, torch.device("cpu"))[0]                                   # (B, T)
+    half[:, ::2] = 0.0                                                     # every other trainable position only
+    cfg = train.parse_args(SMALL + ["--method", "skill-sd", "--lam", "0.5"])
+    weights = {}
+    for name, tokens, has in (("grpo", None, torch.zeros(4)), ("zeros", torch.zeros(logp_old.shape), torch.ones(4)),
+                              ("all", None, torch.ones(4)), ("ones", torch.ones(logp_old.shape), torch.ones(4)),
+                              ("half", half, torch.ones(4)), ("lam0", None, torch.ones(4))):
+        m = copy.deepcopy(model)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        train.ppo_update(cfg, m, opt, ledgers, prompts, adv, logp_old, teacher, has, torch.device("cpu"),
+                         np.random.default_rng(0), sdl_tokens=tokens, lam=0.0 if name == "lam0" else None)
+        weights[name] = {k: v.clone() for k, v in m.state_dict().items()}
+    same = lambda a, b: all(torch.allclose(weights[a][k], weights[b][k], atol=1e-7) for k in weights[a])
+    assert same("zeros", "grpo") and same("ones", "all") and same("lam0", "grpo")
+    assert not same("half", "grpo") and not same("half", "all") and not same("grpo", "all")
+
+
+def test_lam_warmdown_schedule():
+    """--lam-warmdown K: λ·(1 − it/K) for 0-based iterations, 0 from K on; 0 (the default) keeps the paper's constant."""
+    cfg = train.parse_args(SMALL + ["--lam", "0.1", "--lam-warmdown", "20"])
+    assert [train.lam_at(cfg, it) for it in (0, 5, 10, 19, 20, 39)] == pytest.approx([0.1, 0.075, 0.05, 0.005, 0, 0])
+    assert train.lam_at(train.parse_args(SMALL + ["--lam", "0.1"]), 39) == 0.1
+
+
 def test_bad_flags_give_clear_errors():
     with pytest.raises(SystemExit, match="--method"):
         train.parse_args(["--method", "ppo"])
@@ -130,6 +199,12 @@ def test_bad_flags_give_clear_errors():
         train.parse_args(["--ref-kl", "-1"])
     with pytest.raises(SystemExit, match="on-policy"):
         train.parse_args(["--ref-kl", "0.1", "--rollout-by", "teacher"])
+    with pytest.raises(SystemExit, match="lam-warmdown"):
+        train.parse_args(["--lam-warmdown", "-5"])
+    with pytest.raises(SystemExit, match="sdl-mask"):
+        train.parse_args(["--sdl-mask", "some"])
+    with pytest.raises(SystemExit, match="skill teacher"):
+        train.parse_args(["--sdl-mask", "covered", "--method", "grpo"])
     with pytest.raises(SystemExit, match="group-size"):
         train.parse_args(["--group-size", "1"])
     with pytest.raises(SystemExit, match="no checkpoint"):
@@ -155,7 +230,8 @@ def test_compare_runs_table(tmp_path, capsys):
             ("b0", {"method": "skill-sd", "seed": 0}, 0.5),
             ("c0", {"method": "skill-sd", "seed": 0, "teacher_weights": "frozen"}, 0.125),
             ("d1", {"method": "skill-sd", "seed": 1, "rollout_by": "teacher"}, 0.625),
-            ("e0", {"method": "skill-sd", "seed": 0, "lam": 0.5}, 0.375))
+            ("e0", {"method": "skill-sd", "seed": 0, "lam": 0.5}, 0.375),
+            ("f0", {"method": "skill-sd", "seed": 0, "sdl_mask": "covered", "lam_warmdown": 20}, 0.25))
     for name, cfg, acc in runs:
         d = tmp_path / name
         d.mkdir()
@@ -178,6 +254,7 @@ def test_compare_runs_table(tmp_path, capsys):
     assert rows["Skill-SD (λ = 0.5)"][:4] == ["1", "37.5", "+37.5", "+12.5"]
     assert rows["Skill-SD (frozen teacher)"][:4] == ["1", "12.5", "+12.5", "-12.5"]
     assert rows["Skill-SD (teacher-owned rollouts)"][:4] == ["1", "62.5", "+12.5", "-12.5"]
+    assert rows["Skill-SD (SDL on covered turns, λ → 0 at it. 20)"][:4] == ["1", "25.0", "+25.0", "+0.0"]
     assert (tmp_path / "report.md").read_text().strip() == table
 
 
