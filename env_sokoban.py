@@ -430,8 +430,8 @@ class LevelSetConfig:
 PRESETS = {
     "paper": LevelSetConfig("paper"),
     "easy": LevelSetConfig("easy", num_boxes=1, search_depth=300, max_steps=20),
-    # the easy generator's rooms that need 5+ moves: the built-in tiny base solves ~13% of them at T=1, close to the
-    # paper's base on 2-box levels (12.5%), so reward is as sparse as in the paper without a second box (README)
+    # the easy generator's rooms that need 5+ moves: the built-in tiny base solves about 15% of the test levels at
+    # T = 1, close to the paper's base on 2-box levels (12.5%): rewards as sparse as the paper's with one box (README)
     "hard": LevelSetConfig("hard", num_boxes=1, search_depth=300, max_steps=20, min_optimal_length=5),
 }
 

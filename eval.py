@@ -415,7 +415,8 @@ def opt(default=None, help="", factory=None):  # a dataclass field that carries 
 class EvalConfig:
     model: str = opt("tiny", "HF id, local path, a run's ckpt/model folder, or 'tiny' (built-in)")
     env: str = opt("sokoban", "sokoban | appworld")
-    preset: str = opt("paper", "Sokoban level set (paper: 6x6, 2 boxes, 64 test levels)")
+    preset: str = opt("paper", "Sokoban level set: paper (6x6, 2 boxes, 64 test levels) | easy (1 box) | hard (the "
+                               "easy rooms that need 5+ moves)")
     split: str = opt("test", "test | train (AppWorld: dev by default, as in the paper)")
     samples: int = opt(1, "episodes per task; paper: 1 (its Acc values are k/64 and k/57)")
     temperature: float = opt(0.0, "0 = greedy (paper's pass@1 evaluation, method.md §10)")
@@ -458,6 +459,8 @@ def main(argv=None):
             raise SystemExit(f"--compare: no run directories match {cfg.compare}")
         print(compare_runs(dirs, cfg.out or None))
         return
+    if cfg.env == "sokoban" and cfg.preset not in env_sokoban.PRESETS:
+        raise SystemExit(f"--preset {cfg.preset!r}: choose one of {tuple(env_sokoban.PRESETS)}")
     torch.manual_seed(cfg.seed)
     model, tokenizer = model_lib.load(cfg.model)
     split = cfg.split if not (cfg.env == "appworld" and cfg.split == "test") else "dev"

@@ -26,7 +26,7 @@ and which loss terms are on:
   --lam                        the SDL weight λ (paper: 0.001)
   --ref-kl β                   labelled variant, not the paper: + β·KL(π_θ ‖ π_θ₀) to the base under the plain prompt
                                (the PPO-RLHF regulariser), to tell a frozen teacher's regularising from its skill
-  --lam-warmdown K              labelled variant, not the paper: λ falls linearly to 0 at iteration K
+  --lam-warmdown K             labelled variant, not the paper: λ falls linearly to 0 at iteration K
   --sdl-mask covered           labelled variant, not the paper: L_SDL only on turns whose state the skill speaks about
                                (Sokoban: the player's cell is one of the skill's keys); every skill-teacher run logs
                                ℓ on the covered and the uncovered turns (ell_mean_covered / _uncovered, covered_frac)
@@ -85,7 +85,8 @@ class TrainConfig:
     seed: int = opt(0, "seed of task order, sampling and summaries")
     iterations: int = opt(180, "training iterations; paper Sokoban ≈180, AppWorld ≈300 (curves, method.md §8)")
     # tasks and rollouts
-    preset: str = opt("paper", "Sokoban level set: paper (6x6, 2 boxes) | easy (6x6, 1 box) | hard (easy rooms needing 5+ moves)")
+    preset: str = opt("paper", "Sokoban level set: paper (6x6, 2 boxes) | easy (6x6, 1 box) | hard (the easy rooms "
+                               "that need 5+ moves)")
     tasks_per_iter: int = opt(8, "tasks per iteration; 8 x 8 = the paper preset of the GPU issue (SDAR uses 16)")
     group_size: int = opt(8, "G rollouts per task; verl-agent, SDPO, TRL use 8")
     max_turns: int = opt(40, "turns per episode; paper: 40")
