@@ -96,10 +96,9 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert open(tmp_path / "full/ckpt/skill_bank.json").read() == open(tmp_path / "part/ckpt/skill_bank.json").read()
 
 
-def test_ref_kl_is_the_frozen_teacher_sdl_without_the_skill():
-    """The labelled --ref-kl variant adds β·(ρ·k3 toward θ₀ under the plain prompt): one ppo_update of GRPO + β·KL with
-    reference log-probs X must step the weights exactly as Skill-SD with λ = β and a teacher whose log-probs are X."""
-    import numpy as np
+def four_rollouts():
+    """Two training tasks x 2 episodes of the random tiny model -> (model, ledgers, their prompts, log π_old (B, T)):
+    the input of the ppo_update tests."""
     torch.manual_seed(0)
     model, tok = model_lib.load("tiny")
     env = eval_lib.make_env("sokoban", "easy", max_turns=3)
@@ -109,6 +108,14 @@ def test_ref_kl_is_the_frozen_teacher_sdl_without_the_skill():
     prompts = [l.ids[: l.prompt_len] for l in ledgers]
     with torch.no_grad():
         logp_old = model_lib.score_under_prompt(model, ledgers, prompts, trainable_only=True)    # (B, T)
+    return model, ledgers, prompts, logp_old
+
+
+def test_ref_kl_is_the_frozen_teacher_sdl_without_the_skill():
+    """The labelled --ref-kl variant adds β·(ρ·k3 toward θ₀ under the plain prompt): one ppo_update of GRPO + β·KL with
+    reference log-probs X must step the weights exactly as Skill-SD with λ = β and a teacher whose log-probs are X."""
+    import numpy as np
+    model, ledgers, prompts, logp_old = four_rollouts()
     reference = logp_old + 0.3 * torch.randn(logp_old.shape, generator=torch.Generator().manual_seed(1))  # (B, T)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
     results = []
@@ -158,15 +165,7 @@ def test_sdl_mask_restricts_only_the_sdl_term():
     """ppo_update's sdl_tokens (--sdl-mask covered): all zeros steps exactly like GRPO, all ones exactly like no mask,
     a partial mask like neither."""
     import numpy as np
-    torch.manual_seed(0)
-    model, tok = model_lib.load("tiny")
-    env = eval_lib.make_env("sokoban", "easy", max_turns=3)
-    episodes = [env.new_episode(t) for t in env.train_tasks[:2] for _ in range(2)]
-    ledgers = model_lib.rollout(model, tok, episodes, model_lib.SamplingConfig(max_new_tokens=6),
-                                generator=torch.Generator().manual_seed(0), step_fn=env.step_fn)
-    prompts = [l.ids[: l.prompt_len] for l in ledgers]
-    with torch.no_grad():
-        logp_old = model_lib.score_under_prompt(model, ledgers, prompts, trainable_only=True)    # (B, T)
+    model, ledgers, prompts, logp_old = four_rollouts()
     teacher = logp_old + 0.5 * torch.randn(logp_old.shape, generator=torch.Generator().manual_seed(1))  # (B, T)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
     half = train.ledger_tensors(ledgers, torch.device("cpu"))[0]                                   # (B, T)
