@@ -1,8 +1,8 @@
 """AppWorld for Skill-SD: episodes played against the real `appworld serve environment` servers over HTTP.
 
-Paper setup (method.md §8): train on the 90 `train` tasks, evaluate on the 57 `dev` tasks, at most 40 turns; the
-training reward is Comp (fraction of the task's unit tests passed), Acc = all tests passed. Spec and sources:
-../shared/notes/appworld.md (package 0.1.3.post1, its HTTP server, LOOP / verl-agent / the official ReAct baseline).
+Paper setup (METHOD.md §9): train on the 90 `train` tasks, evaluate on the 57 `dev` tasks, at most 40 turns; the
+training reward is Comp (fraction of the task's unit tests passed), Acc = all tests passed. Sources: the appworld
+package 0.1.3.post1 and its HTTP server, LOOP, verl-agent and AppWorld's official ReAct baseline.
 
 AppWorld pins pydantic<2, freezes the whole process clock while a task is open, times out with SIGALRM and allows one
 world per process, so this file never imports `appworld`: it starts `appworld serve environment` processes (usually
@@ -522,7 +522,7 @@ def resolve_appworld_bin(appworld_bin=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The episode (design.md's episode protocol)
+# The episode (the episode protocol, METHOD.md §11)
 
 class AppWorldEpisode:
     def __init__(self, env, task_id, experiment_name, max_turns=40):

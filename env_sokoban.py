@@ -1,10 +1,10 @@
 """Text Sokoban for Skill-SD: gym-sokoban rules, the RAGEN/verl-agent room generator, a BFS solver, the LLM text
 interface (prompt, renderer, parser) and the paper's level sets. numpy only, no gym.
 
-Paper setup (method.md section 8): 6x6 rooms with 2 boxes, 96 training levels with a curriculum, 64 test levels, at
+Paper setup (METHOD.md §9): 6x6 rooms with 2 boxes, 96 training levels with a curriculum, 64 test levels, at
 most 40 steps; Acc = solved, Comp = boxes on target at the end / boxes; the training reward is Comp.
 
-Sources (see ../shared/notes/sokoban.md for the full spec): mpSchrader/gym-sokoban (`sokoban_env.py`, `room_utils.py`)
+Sources: mpSchrader/gym-sokoban (`sokoban_env.py`, `room_utils.py`)
 for cell codes and step rules; RAGEN-AI/RAGEN (`ragen/env/sokoban`) and langfengQ/verl-agent
 (`agent_system/environments/env_package/sokoban`) for the generator, symbols and prompt formats.
 
@@ -30,10 +30,10 @@ Choices and deviations (numbered; [C] = ours):
     `<answer>Up || Left</answer>`, at most 5 actions per turn, invalid pieces dropped.
  6. [C] An invalid reply uses a turn, makes no env step (no -0.1), costs `format_penalty` (default 0; 0.1 = the
     frameworks) and the next observation says what was wrong. No reply (any string, bytes, None) can raise.
- 7. [C] The whole chat is kept (method.md section 10), so observations are short: a feedback line, "Turn k/H. Boxes on
+ 7. [C] The whole chat is kept (METHOD.md §9), so observations are short: a feedback line, "Turn k/H. Boxes on
     target: i/n.", "You are at (row r, col c)." (the player's cell, 0-based from the top-left wall corner: the key
-    that skills.SokobanRuleSummarizer writes before each workflow move and blocked move) and the grid.
- 8. [C] Level sets (sokoban.md section 7): "paper" = 6x6, 2 boxes, depth 100, 40 steps; train = the first 96 seeds
+    that rule_skills.SokobanRuleSummarizer writes before each workflow move and blocked move) and the grid.
+ 8. [C] Level sets: "paper" = 6x6, 2 boxes, depth 100, 40 steps; train = the first 96 seeds
     >= 10,000 that generate without a retry, sorted by optimal length (curriculum; its one duplicate room, seed
     10068 = 10010, is kept); test = the first 64 such seeds >= 1,000,000 whose room is neither a training room nor an
     earlier test room. "easy" = the same with 1 box, depth 300 (RAGEN's SimpleSokoban) and 20 steps (1-box optima
@@ -45,7 +45,6 @@ Run: `python env_sokoban.py` (render a level and its BFS solution), `python env_
 import argparse
 import functools
 import random
-import re
 import sys
 from dataclasses import dataclass
 
@@ -67,7 +66,7 @@ class SokobanGenerationError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Room generator (sokoban.md section 2)
+# Room generator (RAGEN / verl-agent, step for step)
 
 _WALK_DIRS = ((1, 0), (0, 1), (-1, 0), (0, -1))        # the topology walk's direction list, in the frameworks' order
 _MASKS = (((0, -1), (0, 0), (0, 1)),                    # floor offsets of the five 3x3 masks, in order
@@ -200,7 +199,7 @@ def generate_room(dim_room=(6, 6), num_boxes=1, search_depth=300, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# BFS solver (sokoban.md section 6)
+# BFS solver
 
 def solve(room_fixed, room_state, max_depth=100, max_states=2_000_000):
     """Shortest (move-optimal) list of actions 1..4 that covers every target, [] if solved, None if none is found
@@ -264,7 +263,7 @@ def solve(room_fixed, room_state, max_depth=100, max_states=2_000_000):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The game (gym-sokoban step semantics, sokoban.md section 1)
+# The game (gym-sokoban step semantics)
 
 class SokobanGame:
     """One room. step(a) for a in 0..8 (0 no-op, 1-4 push-or-move, 5-8 move) -> (reward, done, info) as gym-sokoban."""
@@ -341,18 +340,6 @@ def position_text(cell) -> str:
     return f"(row {int(cell[0])}, col {int(cell[1])})"
 
 
-_YOU_ARE_AT = re.compile(r"You are at\s*(\(row \d+, col \d+\))")
-
-
-def skill_covers(skill_text: str, observation: str) -> bool:
-    """Whether a skill speaks about the state an observation shows: the player's cell in the observation's last
-    "You are at (row r, col c)." line appears in the skill as "at (row r, col c)", the key the rule summariser gives
-    every workflow move and every blocked move. Used by train.py's labelled variant --sdl-mask covered; False for an
-    observation without a position (a finished episode) or a skill without cell keys."""
-    cells = _YOU_ARE_AT.findall(observation)
-    return bool(cells) and f"at {cells[-1]}" in skill_text
-
-
 def render(room_fixed, room_state, sep=" "):
     """Text grid, rows top to bottom; a player on a target is shown as S (code 6)."""
     shown = np.where((np.asarray(room_state) == PLAYER) & (np.asarray(room_fixed) == TARGET),
@@ -371,7 +358,7 @@ def room_from_text(text):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Levels and level sets (sokoban.md section 7)
+# Levels and level sets
 
 @dataclass(frozen=True, eq=False)
 class Level:
@@ -391,8 +378,9 @@ class Level:
         return len(self.optimal_plan)
 
 
-def _level(name, seed, effective_seed, dim_room, num_boxes, search_depth, max_steps):
-    """Generate and BFS-verify one room; raises SokobanGenerationError when either fails."""
+def make_level_unchecked(name, seed, effective_seed, dim_room, num_boxes, search_depth, max_steps):
+    """Generate and BFS-verify one room for exactly this seed (no retry); raises SokobanGenerationError when either
+    fails. make_level retries; level sets and tiny_base.py skip such seeds instead."""
     fixed, state = generate_room(dim_room, num_boxes, search_depth, effective_seed)
     plan = solve(fixed, state)
     if plan is None:
@@ -407,7 +395,7 @@ def make_level(seed, dim_room=(6, 6), num_boxes=2, search_depth=100, max_steps=4
     for k in range(max_retries + 1):
         effective = int(seed) if k == 0 else (int(seed) * 1_000_003 + k) % 2 ** 32
         try:
-            return _level(name, seed, effective, dim_room, num_boxes, search_depth, max_steps)
+            return make_level_unchecked(name, seed, effective, dim_room, num_boxes, search_depth, max_steps)
         except SokobanGenerationError:
             continue
     raise SokobanGenerationError(f"seed {seed}: no room after {max_retries} retries")
@@ -418,7 +406,7 @@ class LevelSetConfig:
     name: str
     dim_room: tuple = (6, 6)
     num_boxes: int = 2
-    search_depth: int = 100      # sokoban.md section 7 (RAGEN 300, verl-agent 30)
+    search_depth: int = 100      # ours (RAGEN 300, verl-agent 30)
     num_train: int = 96
     num_test: int = 64
     train_seed_start: int = 10_000
@@ -442,7 +430,8 @@ def _scan_seeds(cfg, seed, count, seen=None):
     levels = []
     while len(levels) < count:
         try:
-            level = _level(cfg.name, seed, seed, cfg.dim_room, cfg.num_boxes, cfg.search_depth, cfg.max_steps)
+            level = make_level_unchecked(cfg.name, seed, seed, cfg.dim_room, cfg.num_boxes, cfg.search_depth,
+                                         cfg.max_steps)
             key = level.room_fixed.tobytes() + level.room_state.tobytes()
             if level.optimal_length >= cfg.min_optimal_length and (seen is None or key not in seen):
                 levels.append(level)
@@ -474,11 +463,11 @@ def load_levels(preset="paper", split="train"):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Text interface: prompt and parser (sokoban.md sections 3-5)
+# Text interface: prompt and parser (RAGEN / verl-agent formats, paraphrased)
 
 SYSTEM_PROMPT = "You are an expert Sokoban player. You solve puzzles step by step and never break the answer format."
 
-_RULES = ("You are playing Sokoban. Push every box onto a target.\n\n"
+RULES_TEXT = ("You are playing Sokoban. Push every box onto a target.\n\n"
           "Symbols: # wall, _ floor, O target, X box, √ box on a target, P you, S you standing on a target.\n"
           "Rows are listed top to bottom: \"up\" goes one row up, \"left\" one column left.\n"
           "Rules:\n"
@@ -489,7 +478,7 @@ _RULES = ("You are playing Sokoban. Push every box onto a target.\n\n"
           " you push.\n"
           "- You have {limit}.")
 
-_FORMAT = {
+FORMAT_TEXT = {
     "single": "Each turn, first think inside <think> </think>, then give exactly one action inside <action> </action>:"
               " up, down, left or right.\nExample: <think>The box is right of me and the target is right of the"
               " box.</think><action>right</action>",
@@ -552,14 +541,14 @@ def parse_actions(reply, max_actions=5):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The episode protocol (design.md)
+# The episode protocol (common.Episode, METHOD.md §11)
 
 class SokobanEpisode:
-    """One level played by a model, turn by turn, with the episode protocol of design.md."""
+    """One level played by a model, turn by turn (the episode protocol, common.Episode)."""
 
     def __init__(self, level, max_turns=40, action_style="single", format_penalty=0.0, reward="completion",
                  max_actions_per_turn=5):
-        if action_style not in _FORMAT or reward not in ("completion", "gym", "success"):
+        if action_style not in FORMAT_TEXT or reward not in ("completion", "gym", "success"):
             raise ValueError(f"action_style must be single/multi and reward completion/gym/success, "
                              f"got {action_style!r}, {reward!r}")
         self.level, self.task_id = level, level.task_id
@@ -593,9 +582,14 @@ class SokobanEpisode:
         limit = f"{self.max_turns} turns" + (", one action per turn" if self.action_style == "single" else "")
         if self.game.max_steps < self.max_turns or self.action_style == "multi":
             limit += f", and at most {self.game.max_steps} actions in total"
-        text = _RULES.format(limit=limit) + "\n" + _FORMAT[self.action_style].format(k=self.max_actions_per_turn)
+        text = (RULES_TEXT.format(limit=limit) + "\n"
+                + FORMAT_TEXT[self.action_style].format(k=self.max_actions_per_turn))
         return [{"role": "system", "content": SYSTEM_PROMPT},
                 {"role": "user", "content": text + "\n\n" + self._observation()}]
+
+    def summary_context(self):
+        """The initial room, for the rule summariser's replay (rule_skills.SokobanRuleSummarizer)."""
+        return {"room_fixed": self.level.room_fixed.tolist(), "room_state": self.level.room_state.tolist()}
 
     def privileged_context(self):
         plan = self.level.optimal_plan
@@ -660,13 +654,6 @@ class SokobanEpisode:
                 "completion": completion, "gym_return": self.gym_return, "turns": self.turns, "steps": g.steps,
                 "format_errors": self.format_errors, "optimal_steps": self.level.optimal_length,
                 "aborted": self.aborted}
-
-
-def step_episodes(episodes, replies):
-    """Step many episodes with one reply each -> [(observation, done)]."""
-    if len(episodes) != len(replies):
-        raise ValueError(f"{len(episodes)} episodes but {len(replies)} replies")
-    return [ep.step(reply) for ep, reply in zip(episodes, replies)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

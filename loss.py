@@ -1,7 +1,7 @@
-"""Losses of Skill-SD: GRPO with clip-higher, the importance-weighted reverse-KL self-distillation (SDL), and the
-baselines' objectives (OPD, teacher-owned rollouts), plus the diagnostics we log every step.
+"""Losses of Skill-SD: GRPO with clip-higher and the importance-weighted reverse-KL self-distillation (SDL), which
+between them also give the baselines' objectives (OPD, teacher-owned rollouts), plus the diagnostics we log every step.
 
-Paper: Skill-SD (arXiv 2604.10674), overview figure / Eq. 10-14; spec in notes/method.md §5-§7.
+Paper: Skill-SD (arXiv 2604.10674), overview figure / Eq. 10-14; METHOD.md §5 (losses), §7 (why rho), §8 (baselines).
 
     r      = pi_theta(y) / pi_old(y)                                       per sampled token y
     L_GRPO = -(1/N) sum_{i,t} min(r A_i, clip(r, 1 - eps_l, 1 + eps_h) A_i)
@@ -10,7 +10,7 @@ Paper: Skill-SD (arXiv 2604.10674), overview figure / Eq. 10-14; spec in notes/m
     L_SDL  = (1/N) sum_{i,t} rho * (exp(-l) - 1 + l)                       (Eq. 12, "rho * k3")
     L      = L_GRPO + lambda * L_SDL,  lambda = 0.001                      (Eq. 14)
 
-Why rho (method.md §6, checked by exact enumeration in tests/test_loss.py):
+Why rho (METHOD.md §7, checked by exact enumeration in tests/test_loss.py):
 E_{y~pi_old}[rho k3] = sum_y pi_theta (pi_T/pi_theta - 1 + log(pi_theta/pi_T)) = KL(pi_theta || pi_T) for EVERY theta,
 and its gradient is sum_y pi_theta l grad log pi_theta = grad KL(pi_theta || pi_T) (reverse KL, mode seeking).
 Without rho the same k3 value follows grad KL(pi_T || pi_theta) (forward KL) at theta = theta_old.
@@ -30,12 +30,16 @@ Choices (numbered; [C] = ours, with the public source it follows):
  5. Group std is the unbiased one (torch.std, n - 1), as verl's GRPO advantage; groups whose rewards are all equal get
     advantage exactly 0 (checked with max == min, not std < eps, so float round-off cannot leak 1e-11 advantages);
     G = 1 groups count as zero-variance.
- 6. OPD baseline = distillation only, the same rho * k3 estimator with weight 1 and no GRPO term; the teacher gets a
-    fixed ground-truth block instead of a skill (interpretation, method.md §7).
- 7. Off-policy ablation: the skill-conditioned teacher samples, so the behaviour log-prob is the teacher's: it is the
-    denominator of both the PPO ratio and rho_off = pi_theta / sg(pi_teacher_behaviour) (inference, method.md §7).
- 8. Optional KL-to-reference term: plain k3 (verl "low_var_kl"), beta = 0 by default. It has no rho, so its gradient
-    follows the forward KL(pi_ref || pi_theta) at theta_old (see the test); kept only as an option.
+ 6. OPD baseline = sdl_loss alone with weight 1 and no GRPO term; the teacher gets a fixed ground-truth block instead
+    of a skill (interpretation, METHOD.md §8). Under Adam the weight 1 vs lambda hardly matters (only relative to
+    gradient clipping).
+ 7. Off-policy ablation: the skill-conditioned teacher samples, so the behaviour log-prob is the teacher's: pass it as
+    `logp_old` to both grpo_loss (r_off = pi_theta / pi_teacher) and sdl_loss (rho_off = pi_theta / sg(pi_teacher)).
+    rho_off * k3 is still unbiased for KL(pi_theta || pi_T) (any sampler with full support, tested), but rho_off is
+    not 1 at the start and grows as student and teacher diverge: the collapse the paper reports (inference, §8).
+ 8. A KL to a reference model (train.py's labelled --ref-kl variant) uses sdl_loss with the reference as "teacher":
+    the plain k3 without rho (verl's "low_var_kl") would follow the FORWARD KL's gradient at theta_old (the naive
+    counterexample in tests/test_loss.py).
 
 Run: .venv/bin/python -m pytest -q tests/test_loss.py     (or `python loss.py` for a worked three-token example)
 """
@@ -122,7 +126,7 @@ def sdl_loss(logp, logp_old, logp_teacher, mask, num_tokens=None):
 
     logp (B, T) student log-probs under the plain prompt (with grad); logp_old (B, T) sampler log-probs (detached);
     logp_teacher (B, T) teacher log-probs under prompt + skill (constants). Per token rho * k3(l), l = logp - logp_T,
-    rho = exp(logp - sg(logp_old)) with the gradient flowing through logp (method.md §5-6).
+    rho = exp(logp - sg(logp_old)) with the gradient flowing through logp (METHOD.md §5, §7).
 
     Worked example, three tokens, theta = theta_old (rho = 1 in value):
       logp = [-1.0, -2.0, -0.5], logp_T = [-1.0, -1.0, -1.0] -> l = [0, -1, 0.5]
@@ -151,49 +155,6 @@ def guard_hits(logp, logp_old, logp_teacher, mask):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# baselines and ablations (method.md §7)
-
-def opd_loss(logp, logp_old, logp_teacher, mask, num_tokens=None):
-    """Vanilla OPD baseline (choice 6): distillation only, weight 1, no GRPO term.
-
-    Same rho * k3 estimator of KL(pi_theta || pi_T) as sdl_loss; the difference is the teacher's context (a fixed
-    ground-truth block: the BFS optimal plan for Sokoban, solution code for AppWorld) and that no reward enters the
-    loss. Tasks without ground truth are masked out by the caller. Under Adam the weight 1 vs lambda hardly matters
-    (only relative to gradient clipping).
-    """
-    return sdl_loss(logp, logp_old, logp_teacher, mask, num_tokens=num_tokens)
-
-
-def offpolicy_losses(logp, logp_teacher, advantages, mask, sdl_mask=None, clip_low=0.2, clip_high=0.28,
-                     num_tokens=None, logp_behaviour=None):
-    """Off-policy (teacher-owned rollout) ablation (choice 7) -> (L_GRPO, L_SDL), both with grad; the caller adds
-    lambda * L_SDL as in the on-policy run.
-
-    The teacher (plain prompt + skill; theta_old for "dynamic", theta_0 for "frozen") samples; the student is scored on
-    the same tokens under the plain prompt. The behaviour log-prob is the teacher's own: it is the denominator of the
-    PPO ratio r_off = pi_theta(y | x) / pi_teacher(y | x + S) and of rho_off = pi_theta / sg(pi_teacher_behaviour).
-    In both ablations the sampler IS the teacher, so logp_behaviour defaults to logp_teacher (pass the sampling-time
-    values to use those instead). rho_off * k3 is still unbiased for KL(pi_theta || pi_T) (any sampler with full
-    support, tested), but rho_off is not 1 at the start and grows as student and teacher diverge: the collapse the
-    paper reports. sdl_mask (B, T): tokens with a teacher (default: mask); both terms share the normaliser N of mask.
-    """
-    behaviour = logp_teacher if logp_behaviour is None else logp_behaviour
-    n = num_tokens if num_tokens is not None else _normaliser(_check(logp, mask=mask), None)
-    grpo = grpo_loss(logp, behaviour, advantages, mask, clip_low, clip_high, num_tokens=n)
-    sdl = sdl_loss(logp, behaviour, logp_teacher, mask if sdl_mask is None else sdl_mask, num_tokens=n)
-    return grpo, sdl
-
-
-def kl_k3_loss(logp, logp_ref, mask, num_tokens=None):
-    """Optional KL-to-reference term (choice 8), token-mean of k3(logp - logp_ref); add beta * this (beta = 0 default,
-    0.01 as in verl-agent). No importance weight: its value estimates KL(pi_theta || pi_ref) but, at theta_old, its
-    gradient is that of the forward KL(pi_ref || pi_theta) (method.md §6; tests/test_loss.py checks it)."""
-    m = _check(logp, logp_ref, mask=mask)
-    ell = _masked(logp, m) - _masked(logp_ref.detach(), m)                   # (B, T)
-    return _masked(k3(ell), m).sum() / _normaliser(m, num_tokens)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # diagnostics
 
 def _quantile(x, q):
@@ -201,7 +162,7 @@ def _quantile(x, q):
 
 
 def diagnostics(logp, logp_old, logp_teacher, mask, clip_low=0.2, clip_high=0.28, advantages=None, sdl_mask=None):
-    """Floats for the logs (method.md §11): clip fraction, ratio/rho stats, l mean and quantiles, mean log-prob
+    """Floats for the logs (METHOD.md §6): clip fraction, ratio/rho stats, l mean and quantiles, mean log-prob
     (entropy proxy: -E[log pi(y)] estimates the entropy on on-policy samples), guard hits. logp_teacher may be None.
     The teacher statistics (l, k3, rho, guards) use sdl_mask (tokens that have a teacher; default mask);
     teacher_frac = its share of the masked tokens.

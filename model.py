@@ -1,27 +1,28 @@
 """One Hugging Face causal LM as student and teacher: loading, batched multi-turn generation with a KV cache kept
 across turns, and chunked log-prob scoring.
 
-Skill-SD (arXiv 2604.10674) samples G multi-turn episodes per task with the student under the plain prompt (method.md
-§2 step 2) and re-scores the student's exact tokens with the same weights under a skill-augmented prompt (step 5,
-Eq. 10). This file provides both halves: `rollout` (the sampler, which records the training ledger) and `score` /
-`score_under_prompt` (the uncached full forward used for log pi_old, log pi_theta and the teacher). The recipe is
-notes/generation.md §1-§5; the rules it follows are notes/method.md §11.
+Skill-SD (arXiv 2604.10674) samples G multi-turn episodes per task with the student under the plain prompt (METHOD.md
+§2, step 4 of the loop) and re-scores the student's exact tokens with the same weights under a skill-augmented prompt
+(step 6, Eq. 10). This file provides both halves: `rollout` (the sampler, which records the training ledger) and
+`score` / `score_under_prompt` (the uncached full forward used for log pi_old, log pi_theta and the teacher), plus
+`complete` (one-turn chats -> replies, e.g. for an LLM summariser). The rules it follows are METHOD.md §6. It knows
+nothing of any environment: episodes follow the episode protocol (METHOD.md §11).
 
 Choices (each names its source):
  1. The KV cache lives across the turns of an episode. Each observation is rendered on its own exactly as the chat
     template would render it and appended; the chat is never re-rendered (Qwen3 templates drop old <think> blocks:
     verl #6854, tinker-cookbook PR #142). Hand-written loop, no `model.generate` (phases as in gpt-fast).
  2. Positions are logical: position_ids = cumsum(mask) - 1 over the full (B, S) mask, which is always passed; so left
-    pads and holes left by finished rows never shift RoPE (generation.md §2).
+    pads and holes left by finished rows never shift RoPE (HF's own generate does the same for left padding).
  3. The cache keyword is detected once from `inspect.signature(model.forward)` (`cache` on 5.24+, `past_key_values`
     before), and the cache must grow by exactly n after every call: a wrong keyword is silently swallowed by
-    **kwargs on <= 5.21 (generation.md §4).
+    **kwargs on <= 5.21 (tested: tests/test_model.py::test_cache_keyword_and_growth_assertion).
  4. GRPO groups: distinct prompts are prefilled once, then `batch_repeat_interleave(G)`; the G first tokens are
     sampled independently (nanochat's guarded bug). Finished episodes leave the batch (`batch_select_indices`).
  5. Ledger = training data (nanochat token masks): sampled tokens trainable incl. the sampled end-of-turn token;
     prompt, template, observation tokens and a forced end-of-turn token (cap hit) are not. Masks come from lengths and
     the ledger, never from comparing ids to pad/eos (tiny-grpo bug, TRL #6357). Log-probs are the untempered
-    log pi at sampling time (diagnostics; training recomputes log pi_old with `score`, method.md §11.7).
+    log pi at sampling time (diagnostics; training recomputes log pi_old with `score`, METHOD.md §6).
  6. A context cap (`max_context` logical tokens) aborts an episode before a turn that could overflow it. When holes
     make the physical cache more than REBUILD_FACTOR x the longest row, the rows are re-prefilled from their compact
     ledgers; `reprefill=True` does that every turn (nanochat's simple fallback; also the benchmark baseline).
@@ -31,23 +32,25 @@ Choices (each names its source):
     this same path, so an identical prompt gives identical log-probs.
  8. The built-in "tiny" model: a random Qwen3 config plus a byte-level BPE tokenizer trained in-process on a small
     corpus, with a ChatML template, so tests run with no network through the same chat code as real models.
- 9. `attn_implementation="sdpa"` everywhere (eager also verified by the notes; flash-attention with holes is not).
+ 9. `attn_implementation="sdpa"` everywhere (eager is tested too; flash-attention with holes in the mask is not).
 
 Shape letters: B rows, G group, T tokens, S physical cache slots, V vocabulary, D hidden.
-Run: `python model.py` (self-check: cached log-probs vs one full forward), `python model.py --bench` (benchmark),
-`python -m pytest -q tests/test_model.py`.
+Run: `python model.py` (self-check: cached log-probs vs one full forward), `python bench.py` (benchmark; also
+`python model.py --bench`), `python -m pytest -q tests/test_model.py`.
 """
 from __future__ import annotations
 
 import argparse
 import inspect
 import os
-import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.checkpoint import checkpoint
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerFast, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 REBUILD_FACTOR = 2.0        # re-prefill when the cache is this many times longer than the longest compact row
 LOGIT_CHUNK_ELEMS = 1 << 24  # score(): at most this many (row, token, vocab) logits alive per chunk (64 MB fp32)
@@ -78,51 +81,10 @@ class Ledger:
 # ---------------------------------------------------------------------------------------------------------------------
 # loading: real checkpoints and the built-in tiny model
 
-_TINY_CORPUS = [
-    "# # # # # #", "# _ _ O _ #", "# _ X √ P #", "# S _ _ _ #", "#_O√XPS_#", "__OO√√XXPP##SS",
-    "Up Down Left Right up down left right Up, Down, Left, Right. push move no-op",
-    "<think>The box is left of the target, so I push it right.</think><action>Right</action>",
-    "<think>I should move up first, then push the box down.</think> <action>Up</action> <action>Down</action>",
-    "You are a helpful assistant. You are solving the Sokoban puzzle. Push all boxes (X) onto the targets (O).",
-    "The player (P) can move Up, Down, Left or Right. Walls (#) block movement. A box on a target is shown as √.",
-    "Your answer must be in the format <think>...</think><action>...</action>. Invalid action, try again.",
-    "Observation: the current state of the room is shown below. Turn 1 of 40. Reward: -0.1. Done: False.",
-    "the a an of to in is it that for on with as at by from this be are was were not or and if then else",
-    "task user assistant system answer question step turn room box target wall player state action reply",
-    "I will first check the file system, then log in, then send the requests. Success analysis, mistake analysis.",
-    '{"success_analysis": "", "mistake_analysis": "", "golden_workflow": "1. ... 2. ..."}, [1, 2, 3], null, true',
-    "def main():\n    return None\nfor i in range(10):\n    print(i)\nimport json\nx = apis.venmo.login(user=u)",
-    "if x is None:\n    raise ValueError('bad')\nelse:\n    y = {'key': [1, 2.5, -3]}\nwhile True: break",
-    "apis.supervisor.complete_task(answer=None) apis.api_docs.show_api_doc(app_name='spotify', api_name='login')",
-    "0123456789 +-*/=<>!?()[]{}:;,.'\"`~@$%^&|\\ \t\n\n  ",
-    "Please read the instructions carefully and think step by step before you choose the next action to take.",
-    "The goal is to place every box on a target without pushing any box into a corner where it can never move.",
-    "Here is the current observation of the environment. What is your next move? Explain your reasoning briefly.",
-    "Previous attempts at this task failed because the agent did not verify its assumptions or read the docs.",
-    "You have access to the following apps: spotify, venmo, gmail, phone, file_system, simple_note, todoist.",
-    "Call the API with the correct parameters, check the response, handle errors, and then complete the task.",
-    "access_token = apis.spotify.login(username=email, password=password)['access_token']",
-    "songs = apis.spotify.show_song_library(access_token=access_token, page_index=page_index)",
-    "print(json.dumps(result, indent=2)); len(items) == 0; return sorted(names, key=lambda n: n.lower())",
-    "class Episode:\n    def __init__(self, seed: int) -> None:\n        self.done = False\n        self.steps = 0",
-    "try:\n    value = int(text)\nexcept ValueError as error:\n    value = None\nfinally:\n    pass",
-    "with open(path) as f:\n    lines = [line.strip() for line in f if line]\nassert isinstance(lines, list)",
-    "The number of boxes on targets increased. The player moved but no box moved. The level is solved.",
-    "first second third fourth next last before after because since while until unless whether either",
-    "should would could might must can will may need want have has had do does did make made take took",
-    "success failure error warning invalid valid format reward penalty score completion accuracy result",
-    "Monday Tuesday Wednesday Thursday Friday Saturday Sunday January February March April May June July",
-    "one two three four five six seven eight nine ten hundred thousand zero half quarter percent total",
-]
-
-
 def build_tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 2048, min_frequency: int = 1,
                          added_tokens: list[str] = ()):
     """Byte-level BPE trained in-process (deterministic, no network): any string round-trips, vocab ~1-2k.
     added_tokens: whole strings that become one token each (tiny_base.py uses it for fixed prompt texts)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -143,8 +105,6 @@ def build_tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 2048
 
 def build_tiny_model(tokenizer, seed: int = 0, **config_overrides):
     """A small random-init Qwen3 (hidden 128, 2 layers, 4 heads, 2 KV heads, tied embeddings) for that tokenizer."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     cfg = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=32768,
                tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
@@ -171,16 +131,15 @@ def _auto_device_dtype(device, dtype):
 
 
 def load(name_or_path: str, device=None, dtype=None):
-    """(model, tokenizer) for a hub id, a local directory, "tiny" (random init, built in) or "tiny-sokoban" (the tiny
-    base pretrained on Sokoban transcripts, tiny_base.py). Device: cuda (bf16) > mps (bf16) > cpu (fp32)."""
+    """(model, tokenizer) for a hub id, a local directory or "tiny" (random init, built in). Device: cuda (bf16) >
+    mps (bf16) > cpu (fp32). The pretrained tiny Sokoban base is a folder: `load(tiny_base.ensure_built())`."""
     device, dtype = _auto_device_dtype(device, dtype)
     if name_or_path == "tiny":
         tokenizer = build_tiny_tokenizer()
         return build_tiny_model(tokenizer).to(device=device, dtype=dtype), tokenizer
-    if name_or_path == "tiny-sokoban":   # the pretrained tiny base for Sokoban, built once and cached (tiny_base.py)
-        import tiny_base
-        return tiny_base.load_base(device=device, dtype=dtype)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if name_or_path == "tiny-sokoban":   # a name the command lines resolve (tiny_base.resolve); here it is a path
+        raise ModelLoadError("'tiny-sokoban' is built by tiny_base.py: load(tiny_base.ensure_built()) builds it once "
+                             "(about 4 minutes) and returns its cache folder; train.py and eval.py accept the name")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
@@ -234,16 +193,27 @@ def stop_token_ids(tokenizer) -> list[int]:
     return ids
 
 
-def encode_segment(tokenizer, observation: str) -> list[int]:
-    """Ids that follow a reply's end-of-turn token up to the next generation prompt, rendered exactly as the template
-    would. ChatML: '\\n<|im_start|>user\\n{observation}<|im_end|>\\n<|im_start|>assistant\\n'."""
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _REPLY},
-            {"role": "user", "content": observation}]
-    text = _after_reply(tokenizer, msgs, True)
+def encode_segments(tokenizer, observations: list[str]) -> list[list[int]]:
+    """Per observation, the ids that follow a reply's end-of-turn token up to the next generation prompt, rendered
+    exactly as the template would (each observation through the template, tokenized in one batch).
+    ChatML: '\\n<|im_start|>user\\n{observation}<|im_end|>\\n<|im_start|>assistant\\n'."""
+    if not observations:
+        return []
     eot = tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer)[0])
-    if not text.startswith(eot):
-        raise ValueError(f"chat template does not close a reply with {eot!r}; cannot append turns to the cache")
-    return tokenizer(text[len(eot):], add_special_tokens=False)["input_ids"]
+    texts = []
+    for observation in observations:
+        msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _REPLY},
+                {"role": "user", "content": observation}]
+        text = _after_reply(tokenizer, msgs, True)
+        if not text.startswith(eot):
+            raise ValueError(f"chat template does not close a reply with {eot!r}; cannot append turns to the cache")
+        texts.append(text[len(eot):])
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def encode_segment(tokenizer, observation: str) -> list[int]:
+    """encode_segments for one observation."""
+    return encode_segments(tokenizer, [observation])[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -292,8 +262,6 @@ def _forward(model, state: DecodeState, ids: torch.Tensor, new_mask: torch.Tenso
 def prefill(model, prompts: list[list[int]], pad_id: int, rows: list[int] | None = None, stats: dict | None = None):
     """Left-pad and forward the prompts into a fresh cache; identical prompts are prefilled once and repeated
     (GRPO groups). Returns (state, logits (B, V)) for the first sampled token."""
-    from transformers import DynamicCache
-
     uniq, inverse = {}, []
     for p in prompts:
         inverse.append(uniq.setdefault(tuple(p), len(uniq)))
@@ -389,7 +357,7 @@ def generate_turn(model, state: DecodeState, logits: torch.Tensor, sampling: Sam
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# rollout: drive episodes (design.md episode protocol) turn by turn on one cache
+# rollout: drive episodes (the episode protocol, METHOD.md §11) turn by turn on one cache
 
 def _extend(ledger: Ledger, ids: list[int], logprobs: list[float] | None = None):
     ledger.ids += ids
@@ -397,7 +365,10 @@ def _extend(ledger: Ledger, ids: list[int], logprobs: list[float] | None = None)
     ledger.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
 
 
-def _step_one_by_one(episodes, replies):
+def step_one_by_one(episodes, replies) -> list[tuple[str, bool]]:
+    """The default step_fn: each episode takes its reply in turn -> [(observation, done)]."""
+    if len(episodes) != len(replies):
+        raise ValueError(f"{len(episodes)} episodes but {len(replies)} replies")
     return [ep.step(reply) for ep, reply in zip(episodes, replies)]
 
 
@@ -436,7 +407,7 @@ def rollout(model, tokenizer, episodes, sampling: SamplingConfig, generator=None
     """
     if sampling.max_new_tokens < 1:
         raise ValueError("sampling.max_new_tokens must be >= 1")
-    step_fn = step_fn or _step_one_by_one
+    step_fn = step_fn or step_one_by_one
     messages = prompts if prompts is not None else [ep.initial_messages() for ep in episodes]
     stop, pad_id = stop_token_ids(tokenizer), tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else stop[0]
@@ -493,6 +464,38 @@ def rollout(model, tokenizer, episodes, sampling: SamplingConfig, generator=None
             logits = _next_turn(model, state, keep, chunks, [ledgers[i].ids for i in state.rows], pad_id, reprefill)
     finally:
         model.train(was_training)
+
+
+class _OneTurn:
+    """A one-turn episode: the chat is fixed, the first reply ends it (model.complete)."""
+
+    def __init__(self, messages):
+        self.messages, self.task_id, self.trajectory = messages, "complete", []
+        self.done, self.reply = False, None
+
+    def initial_messages(self):
+        return self.messages
+
+    def step(self, reply):
+        self.reply, self.done = reply, True
+        return "", True
+
+    def abort(self, reason):
+        self.done = True
+
+
+@torch.no_grad()
+def complete(model, tokenizer, chats: list[list[dict]], sampling: SamplingConfig, batch_size: int = 8,
+             max_context: int = 8192, seed: int = 0) -> list[str]:
+    """One reply per chat (single-turn `rollout`, `batch_size` chats at a time); "" for a chat whose prompt would not
+    fit in max_context. Greedy when sampling.temperature == 0, else seeded by `seed` for the whole call."""
+    gen = None if sampling.temperature == 0 else torch.Generator().manual_seed(seed)
+    replies = []
+    for i in range(0, len(chats), batch_size):
+        episodes = [_OneTurn(m) for m in chats[i:i + batch_size]]
+        rollout(model, tokenizer, episodes, sampling, generator=gen, max_context=max_context)
+        replies += [ep.reply or "" for ep in episodes]
+    return replies
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -552,6 +555,15 @@ def score(model, sequences: list[list[int]], grad: bool = False, micro_batch_siz
         return torch.cat([F.pad(p, (0, T - p.shape[1])) for p in parts], 0)    # (B, T)
 
 
+def trainable_mask(ledgers: list[Ledger], device=None) -> torch.Tensor:
+    """(B, T_max) 1 on the ledgers' trainable (sampled) tokens, 0 elsewhere and on padding: the loss mask, built from
+    the ledger's flags, never from token ids (choice 5)."""
+    mask = torch.zeros(len(ledgers), max(len(L.ids) for L in ledgers), device=device)      # (B, T)
+    for b, L in enumerate(ledgers):
+        mask[b, : len(L.trainable)] = torch.tensor(L.trainable, dtype=torch.float32, device=device)
+    return mask
+
+
 def score_under_prompt(model, ledgers: list[Ledger], prompt_ids: list[list[int]], grad: bool = False,
                        micro_batch_size: int | None = None, trainable_only: bool = False) -> torch.Tensor:
     """Teacher re-scoring: prompt_ids[b] + ledger.ids[prompt_len:], shifted back so out[b, j] (j >= prompt_len) is the
@@ -570,7 +582,7 @@ def score_under_prompt(model, ledgers: list[Ledger], prompt_ids: list[list[int]]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# self-check and benchmark
+# self-check (the benchmark is bench.py)
 
 class _CountingEpisode:
     """A toy env for the self-check: observations of varying length, done after `turns` replies."""
@@ -605,83 +617,53 @@ def self_check():
     assert err < 1e-4, err
 
 
-def _race(fns: dict, reps: int = 3) -> dict:
-    """Median seconds per function, runs interleaved so that load from other processes hits both alike."""
-    times = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()                                                                    # warm-up
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+# ---------------------------------------------------------------------------------------------------------------------
+# the built-in tiny tokenizer's training text: a little of every kind of string the tests and demos feed it
 
+_TINY_CORPUS = [
+    "# # # # # #", "# _ _ O _ #", "# _ X √ P #", "# S _ _ _ #", "#_O√XPS_#", "__OO√√XXPP##SS",
+    "Up Down Left Right up down left right Up, Down, Left, Right. push move no-op",
+    "<think>The box is left of the target, so I push it right.</think><action>Right</action>",
+    "<think>I should move up first, then push the box down.</think> <action>Up</action> <action>Down</action>",
+    "You are a helpful assistant. You are solving the Sokoban puzzle. Push all boxes (X) onto the targets (O).",
+    "The player (P) can move Up, Down, Left or Right. Walls (#) block movement. A box on a target is shown as √.",
+    "Your answer must be in the format <think>...</think><action>...</action>. Invalid action, try again.",
+    "Observation: the current state of the room is shown below. Turn 1 of 40. Reward: -0.1. Done: False.",
+    "the a an of to in is it that for on with as at by from this be are was were not or and if then else",
+    "task user assistant system answer question step turn room box target wall player state action reply",
+    "I will first check the file system, then log in, then send the requests. Success analysis, mistake analysis.",
+    '{"success_analysis": "", "mistake_analysis": "", "golden_workflow": "1. ... 2. ..."}, [1, 2, 3], null, true',
+    "def main():\n    return None\nfor i in range(10):\n    print(i)\nimport json\nx = apis.venmo.login(user=u)",
+    "if x is None:\n    raise ValueError('bad')\nelse:\n    y = {'key': [1, 2.5, -3]}\nwhile True: break",
+    "apis.supervisor.complete_task(answer=None) apis.api_docs.show_api_doc(app_name='spotify', api_name='login')",
+    "0123456789 +-*/=<>!?()[]{}:;,.'\"`~@$%^&|\\ \t\n\n  ",
+    "Please read the instructions carefully and think step by step before you choose the next action to take.",
+    "The goal is to place every box on a target without pushing any box into a corner where it can never move.",
+    "Here is the current observation of the environment. What is your next move? Explain your reasoning briefly.",
+    "Previous attempts at this task failed because the agent did not verify its assumptions or read the docs.",
+    "You have access to the following apps: spotify, venmo, gmail, phone, file_system, simple_note, todoist.",
+    "Call the API with the correct parameters, check the response, handle errors, and then complete the task.",
+    "access_token = apis.spotify.login(username=email, password=password)['access_token']",
+    "songs = apis.spotify.show_song_library(access_token=access_token, page_index=page_index)",
+    "print(json.dumps(result, indent=2)); len(items) == 0; return sorted(names, key=lambda n: n.lower())",
+    "class Episode:\n    def __init__(self, seed: int) -> None:\n        self.done = False\n        self.steps = 0",
+    "try:\n    value = int(text)\nexcept ValueError as error:\n    value = None\nfinally:\n    pass",
+    "with open(path) as f:\n    lines = [line.strip() for line in f if line]\nassert isinstance(lines, list)",
+    "The number of boxes on targets increased. The player moved but no box moved. The level is solved.",
+    "first second third fourth next last before after because since while until unless whether either",
+    "should would could might must can will may need want have has had do does did make made take took",
+    "success failure error warning invalid valid format reward penalty score completion accuracy result",
+    "Monday Tuesday Wednesday Thursday Friday Saturday Sunday January February March April May June July",
+    "one two three four five six seven eight nine ten hundred thousand zero half quarter percent total",
+]
 
-@torch.no_grad()
-def bench(batch: int = 64, new_tokens: int = 64, group: int = 8, turns: int = 20):
-    import transformers
-
-    tokenizer = build_tiny_tokenizer()
-    pad = tokenizer.pad_token_id
-    sampling = SamplingConfig(temperature=1.0, max_new_tokens=new_tokens)
-    text = "Level {}: push the box X onto the target O. "
-    layouts = {f"{batch} distinct": [text.format(k) * (1 + k % 4) for k in range(batch)],
-               f"{batch // group} tasks x G={group}": [text.format(k // group) * (1 + k // group % 4)
-                                                        for k in range(batch)]}
-    sizes = {"tiny": {}, "4x512": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
-                                       num_attention_heads=8, num_key_value_heads=4, head_dim=64)}
-    print(f"\nCommand: `python model.py --bench` (CPU, {torch.get_num_threads()} threads, fp32, torch "
-          f"{torch.__version__}, transformers {transformers.__version__}); random-init Qwen3 configs, tiny "
-          f"tokenizer (V={len(tokenizer)}), batch {batch}, {new_tokens} new tokens per row, T=1.0, no stop token "
-          f"(every row runs to the cap), median of 3 interleaved runs.\n")
-    print("| model | prompts | this loop, tok/s | `model.generate`, tok/s | ratio |\n|---|---|---:|---:|---:|")
-    for size, overrides in sizes.items():
-        model = build_tiny_model(tokenizer, seed=0, eos_token_id=None, **overrides)   # no eos: same lengths
-        n_params = sum(p.numel() for p in model.parameters()) / 1e6
-        for layout, texts in layouts.items():
-            prompts = [encode_prompt(tokenizer, [{"role": "user", "content": t}]) for t in texts]
-
-            def ours():
-                state, logits = prefill(model, prompts, pad)
-                generate_turn(model, state, logits, sampling, torch.Generator().manual_seed(0), [], pad)
-
-            def hf():
-                ids, mask = _left_pad(prompts, pad, "cpu")
-                model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0,
-                               top_k=0, max_new_tokens=new_tokens, pad_token_id=pad, eos_token_id=None)
-
-            t = _race({"ours": ours, "hf": hf})
-            tps = {k: batch * new_tokens / v for k, v in t.items()}
-            print(f"| Qwen3 {size} ({n_params:.1f}M) | {layout} | {tps['ours']:,.0f} | {tps['hf']:,.0f} | "
-                  f"{tps['ours'] / tps['hf']:.2f}x |")
-
-    tiny = build_tiny_model(tokenizer)
-    stats, secs, ids = {}, {}, {}
-    for mode in (False, True):
-        eps = [_CountingEpisode(k, turns=turns, obs_words=6) for k in range(8)]
-        stats[mode], t0 = {}, time.perf_counter()
-        ledgers = rollout(tiny, tokenizer, eps, SamplingConfig(temperature=0, max_new_tokens=16), reprefill=mode,
-                          max_context=100_000, stats=stats[mode])
-        secs[mode], ids[mode] = time.perf_counter() - t0, [L.ids for L in ledgers]
-    assert ids[False] == ids[True], "re-prefilling and cache reuse produced different episodes"
-    ep_len = sum(map(len, ids[False])) / 8
-    print(f"\n{turns}-turn episodes (8 rows, tiny model, greedy, <= 16 tokens per reply, ~30-token observations, "
-          f"{ep_len:.0f} ledger tokens per episode; identical ledgers in both modes):\n")
-    print("| per episode | cache reuse across turns | re-prefill the history each turn | ratio |\n|---|---:|---:|---:|")
-    pre = {m: stats[m]["prefill_tokens"] / 8 for m in stats}
-    print(f"| prefill + observation-chunk tokens forwarded | {pre[False]:,.0f} | {pre[True]:,.0f} | "
-          f"{pre[True] / pre[False]:.1f}x fewer |")
-    print(f"| decode tokens forwarded | {stats[False]['decode_tokens'] / 8:,.0f} | "
-          f"{stats[True]['decode_tokens'] / 8:,.0f} | 1.0x |")
-    print(f"| wall time of the 8 episodes, s | {secs[False]:.2f} | {secs[True]:.2f} | "
-          f"{secs[True] / secs[False]:.2f}x |")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bench", action="store_true", help="benchmark vs model.generate and vs re-prefilling")
+    parser.add_argument("--bench", action="store_true", help="the benchmark of bench.py")
     if parser.parse_args().bench:
-        bench()
+        import bench   # a command-line entry, not a library edge: bench.py imports this file
+        bench.main()
     else:
         self_check()

@@ -1,41 +1,36 @@
-"""Skills for Skill-SD: the skill record and its parser, three summarizers (LLM, HTTP, rule-based), an asynchronous
-worker, the per-task skill bank with UCB retrieval, and the teacher-prompt builder.
+"""Skills for Skill-SD: the skill record and its parser, the summary prompt, the LLM and HTTP summarisers, an
+asynchronous worker, the per-task skill bank with UCB retrieval, and the teacher-prompt builder.
 
-Paper: Skill-SD (arXiv 2604.10674) §3-4 of notes/method.md. After every iteration each completed trajectory is
-summarised into a JSON skill {success_analysis, mistake_analysis, golden_workflow}, appended to that task's bank B(x);
-before re-scoring, one skill per task is picked by UCB (untried first, else mean reward + c sqrt(ln N / n)) and put
-into the teacher's prompt only ("S(x) + Task"). The student never sees it.
+Paper: Skill-SD (arXiv 2604.10674), METHOD.md §3 (skills) and §4 (bank and retrieval). After every iteration each
+completed trajectory is summarised into a JSON skill {success_analysis, mistake_analysis, golden_workflow} and appended
+to that task's bank B(x); before re-scoring, one skill per task is picked by UCB (untried first, else mean reward +
+c sqrt(ln N / n)) and put into the teacher's prompt only ("S(x) + Task"). The student never sees it. Rule-based
+summarisers (the built-in tiny models cannot write JSON) are in rule_skills.py.
 
 Choices (numbered; [C] = ours, with the public source it follows):
  1. [C] Skill text in the prompt = compact one-line JSON of the three keys, capped at MAX_SKILL_CHARS = 1600 characters
-    (about 400 tokens at ~4 characters per token for English BPE, method.md §3); over the cap, the longest fields are
+    (about 400 tokens at ~4 characters per token for English BPE, METHOD.md §3); over the cap, the longest fields are
     trimmed first (water-filling) and end in "...". The bank stores the full fields; the cap applies to the prompt.
  2. [C] parse_skill takes the first JSON object (anywhere: code fences, prose around it, nested inside another object)
     holding one of the three keys; repairs trailing commas, smart quotes, single quotes (Python literal syntax) and a
     truncated tail; a missing field gets a fallback string; no field at all -> None. It never raises.
- 3. [C] The summariser is pluggable (the paper used the external Seed1.8): LLMSummarizer (the policy itself by default,
-    greedy, our JSON-only prompt), HTTPSummarizer (any OpenAI-compatible endpoint, urllib only), and deterministic
-    rule-based ones for tiny models and tests. Parse failure -> one retry with a stricter reminder -> None (dropped).
- 4. [C] Sokoban rule summary replays the episode from the initial room with env_sokoban.SokobanGame. The workflow of a
-    success is the episode's own moves with wall bumps and loops cut out (still a valid plan); a failure gets "no
-    successful workflow yet" plus its best prefix (the earliest state with the most boxes on targets). Each workflow
-    move and each blocked move ("Turn 3: at (row 2, col 1), left walked into a wall") names the cell it was made
-    from in the observation's words, so the plan can be looked up by position after a detour; each blocked (cell,
-    move) is listed once. It never uses the solver: a skill must only contain what an attempt revealed.
- 5. [C] Bank (method.md §4.2): one per task, capacity 16, FIFO eviction of the oldest, exact duplicates of the prompt
+ 3. [C] The summariser is pluggable (the paper used the external Seed1.8): LLMSummarizer (any `generate(chats) ->
+    replies` function; train.py passes the policy itself through model.complete, greedy, our JSON-only prompt) and
+    HTTPSummarizer (any OpenAI-compatible endpoint, urllib only). Parse failure -> one retry with a stricter reminder
+    -> None (dropped).
+ 4. [C] Bank (METHOD.md §4): one per task, capacity 16, FIFO eviction of the oldest, exact duplicates of the prompt
     text dropped; UCB1 with c = sqrt(2); among untried skills the newest; ties -> lowest index (oldest). The reward of a
     pick = the mean group reward of the rollouts the skill re-scored (the literal reading of the paper).
- 6. [C] The skill block = SKILL_HEADER line + JSON + a blank line, put before the task text of the first user message
+ 5. [C] The skill block = SKILL_HEADER line + JSON + a blank line, put before the task text of the first user message
     (the figure's "S(x) + Task"; SDAR uses a similar "[Privileged Skill Information]" header). It ends in a newline,
     so BPE pre-tokenisation splits there and the teacher ids are the student ids with one contiguous block inserted
     (tested). The OPD teacher gets a fixed ground-truth block (privileged_block) in the same place.
- 7. [C] AsyncSummarizer runs summaries on one worker thread: skills submitted at iteration k show up in collect() at a
-    later iteration (the paper does this asynchronously). A summarizer that runs the policy's own weights should be used
-    with synchronous=True (the optimizer changes the weights in place).
- 8. model.py / env_sokoban.py are imported inside the functions that need them, so the bank, the parser and the HTTP
-    summarizer load without torch.
+ 6. [C] AsyncSummarizer runs summaries on one worker thread: skills submitted at iteration k show up in collect() at a
+    later iteration (the paper does this asynchronously). A summariser that runs the policy's own weights should be
+    used with synchronous=True (the optimizer changes the weights in place).
+ 7. No imports from the project: the bank, the parser and the summarisers load without torch.
 
-Run: .venv/bin/python -m pytest -q tests/test_skills.py      (or `python skills.py` for a scripted demo)
+Run: `python -m pytest -q tests/test_skills.py` (or `python skills.py` for a demo of the bank and the prompt).
 """
 import ast
 import copy
@@ -228,15 +223,13 @@ class SummaryRequest:
     task_text: str
     trajectory: list                            # ep.trajectory
     result: dict                                # ep.result()
-    extra: dict = field(default_factory=dict)   # Sokoban: {"room_fixed", "room_state"} of the initial state
+    extra: dict = field(default_factory=dict)   # ep.summary_context(): Sokoban's initial room, for the rule replay
 
     @classmethod
     def from_episode(cls, env, ep):
-        """The request of a finished episode; Sokoban episodes also pass their initial room for the rule replay."""
-        level = getattr(ep, "level", None)
-        extra = {"room_fixed": level.room_fixed.tolist(), "room_state": level.room_state.tolist()} \
-            if env == "sokoban" and level is not None else {}
-        return cls(ep.task_id, env, ep.task_text(), list(ep.trajectory), dict(ep.result()), extra)
+        """The request of a finished episode, with the episode's optional summary_context() as `extra`."""
+        extra = ep.summary_context() if hasattr(ep, "summary_context") else {}
+        return cls(ep.task_id, env, ep.task_text(), list(ep.trajectory), dict(ep.result()), dict(extra))
 
 
 SUMMARY_SYSTEM = ("You review an AI agent's attempt at a task and write a short, reusable skill for the next attempt "
@@ -248,7 +241,8 @@ SUMMARY_INSTRUCTIONS = """Write a JSON object with exactly these three string fi
 Reply with only the JSON object."""
 
 
-def _clip(text, n):
+def clip_text(text, n):
+    """text cut to n characters, with a marker saying how many were cut."""
     text = str(text or "").strip()
     return text if len(text) <= n else text[:n] + f" ...[{len(text) - n} chars cut]"
 
@@ -259,8 +253,8 @@ def summary_messages(req, max_action_chars=400, max_obs_chars=400, max_chars=600
     turns = []
     for i, t in enumerate(req.trajectory, 1):
         action = t.get("code") or t.get("reply") or ""
-        turns.append(f"Turn {i} action: {_clip(action, max_action_chars)}\n"
-                     f"Turn {i} observation: {_clip(t.get('observation'), max_obs_chars)}")
+        turns.append(f"Turn {i} action: {clip_text(action, max_action_chars)}\n"
+                     f"Turn {i} observation: {clip_text(t.get('observation'), max_obs_chars)}")
     while len(turns) > 2 and sum(len(x) + 1 for x in turns) > max_chars:
         mid = len(turns) // 2                       # drop from the middle: the start and the end say the most
         turns[mid - 1:mid + 1] = [f"... ({_omitted(turns[mid - 1:mid + 1])} turns omitted) ..."]
@@ -268,7 +262,7 @@ def summary_messages(req, max_action_chars=400, max_obs_chars=400, max_chars=600
     outcome = (f"Outcome: success={'yes' if r.get('success') else 'no'}, "
                f"completion={float(r.get('completion') or 0.0):.2f}, reward={float(r.get('reward') or 0.0):.2f}, "
                f"turns={len(req.trajectory)}")
-    user = (f"Task:\n{_clip(req.task_text, 2000)}\n\nTrajectory ({len(req.trajectory)} turns):\n" + "\n".join(turns)
+    user = (f"Task:\n{clip_text(req.task_text, 2000)}\n\nTrajectory ({len(req.trajectory)} turns):\n" + "\n".join(turns)
             + f"\n\n{outcome}\n\n{SUMMARY_INSTRUCTIONS}")
     if reminder:
         user += "\nYour previous reply was not a valid JSON object. Start your reply with { and end it with }."
@@ -284,55 +278,18 @@ def _omitted(parts):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Summarizers: LLM (model.py), HTTP (OpenAI-compatible), rule-based (per environment)
-
-class _PromptEpisode:
-    """A one-turn episode (design.md protocol) so that model.rollout can generate a summary for a fixed prompt."""
-
-    def __init__(self, messages):
-        self.messages, self.task_id, self.trajectory = messages, "summary", []
-        self.done, self.reply = False, None
-
-    def initial_messages(self):
-        return self.messages
-
-    def step(self, reply):
-        self.reply, self.done = reply, True
-        return "", True
-
-    def abort(self, reason):
-        self.done = True
-
-    def result(self):
-        return {"reward": 0.0, "success": False, "completion": 0.0, "turns": 1, "format_errors": 0}
-
-    def task_text(self):
-        return ""
-
-    def privileged_context(self):
-        return None
-
+# Summarizers: an LLM behind a generate function, and an OpenAI-compatible HTTP endpoint
 
 class LLMSummarizer:
-    """Summaries from an HF model through model.rollout (greedy by default), batched, parse + one retry -> None."""
+    """Summaries from a language model: `generate(chats) -> replies`, one reply string per chat (train.py passes
+    `lambda chats: model.complete(policy, tokenizer, chats, greedy)`). Parse + one retry -> None (choice 3)."""
 
-    def __init__(self, model, tokenizer, sampling=None, batch_size=8, max_context=8192, seed=0, **prompt_kwargs):
-        from model import SamplingConfig
-        self.model, self.tokenizer = model, tokenizer
-        self.sampling = sampling or SamplingConfig(temperature=0.0, max_new_tokens=512)
-        self.batch_size, self.max_context, self.seed, self.prompt_kwargs = batch_size, max_context, seed, prompt_kwargs
+    def __init__(self, generate, **prompt_kwargs):
+        self.generate, self.prompt_kwargs = generate, prompt_kwargs
         self.num_generated = self.num_failed = 0
 
     def _generate(self, message_lists):
-        import torch
-        from model import rollout
-        replies = []
-        gen = None if self.sampling.temperature == 0 else torch.Generator().manual_seed(self.seed)
-        for i in range(0, len(message_lists), self.batch_size):
-            eps = [_PromptEpisode(m) for m in message_lists[i:i + self.batch_size]]
-            with torch.no_grad():
-                rollout(self.model, self.tokenizer, eps, self.sampling, generator=gen, max_context=self.max_context)
-            replies += [ep.reply or "" for ep in eps]
+        replies = [r or "" for r in self.generate(message_lists)]
         self.num_generated += len(replies)
         return replies
 
@@ -391,250 +348,8 @@ class HTTPSummarizer:
             return list(pool.map(self._one, requests))
 
 
-_DIRECTIONS = ("up", "down", "left", "right")     # Sokoban actions 1..4
-
-
-class SokobanRuleSummarizer:
-    """Deterministic Sokoban skill from one episode (choice 4): wall bumps, corner deadlocks, loops, format errors."""
-
-    def __init__(self, max_items=3):
-        self.max_items = max_items
-        self.num_errors = 0
-
-    def summarize(self, requests):
-        return [_guarded(self, self.summarize_one, r) for r in requests]
-
-    def _replay(self, req):
-        """One record per env action: turn, action, moved, pushed, box_to, state (player, boxes) after, on_target."""
-        import numpy as np
-        import env_sokoban as es
-        fixed = np.asarray(req.extra["room_fixed"])
-        game = es.SokobanGame(fixed, np.asarray(req.extra["room_state"]), max_steps=10 ** 9)
-
-        def state():
-            boxes = np.argwhere(np.isin(game.room_state, (es.BOX, es.BOX_ON_TARGET)))
-            return game.player, tuple(sorted(tuple(int(x) for x in b) for b in boxes))
-
-        steps, start = [], state()
-        for turn, t in enumerate(req.trajectory, 1):
-            for a in t.get("actions") or ([t["action"]] if t.get("action") is not None else []):
-                if game.solved or not (isinstance(a, (int, np.integer)) and 1 <= a <= 4):
-                    break
-                before = state()
-                game.step(a)
-                after = state()
-                new_box = sorted(set(after[1]) - set(before[1]))
-                dr, dc = es.MOVES[a - 1]
-                ahead = (before[0][0] + dr, before[0][1] + dc)
-                wall = not (0 <= ahead[0] < fixed.shape[0] and 0 <= ahead[1] < fixed.shape[1]) \
-                    or fixed[ahead] == es.WALL
-                steps.append({"turn": turn, "action": a, "cell": before[0], "moved": after[0] != before[0],
-                              "pushed": bool(new_box),
-                              "box_to": new_box[0] if new_box else None, "wall": wall, "state": after,
-                              "on_target": game.boxes_on_target})
-        corner = {}
-        for s in steps:
-            if s["pushed"]:
-                r, c = s["box_to"]
-                blocked = [not (0 <= rr < fixed.shape[0] and 0 <= cc < fixed.shape[1]) or fixed[rr, cc] == es.WALL
-                           for rr, cc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1))]
-                corner[id(s)] = fixed[r, c] != es.TARGET and (blocked[0] or blocked[1]) and (blocked[2] or blocked[3])
-        n_start = int((np.asarray(req.extra["room_state"]) == es.BOX_ON_TARGET).sum())
-        return steps, start, corner, game.num_boxes, n_start
-
-    def summarize_one(self, req):
-        traj, res = req.trajectory, req.result or {}
-        if "room_fixed" in req.extra and "room_state" in req.extra:
-            steps, start, corner, n_boxes, n_start = self._replay(req)
-        else:   # no initial room: the trajectory's own flags only (no loop or deadlock detection)
-            steps = [{"turn": i, "action": t["action"], "moved": bool(t.get("moved")),
-                      "pushed": bool(t.get("box_moved")), "box_to": None, "wall": None, "state": None,
-                      "on_target": None}
-                     for i, t in enumerate(traj, 1) if t.get("action") is not None]
-            start, corner, n_boxes, n_start = None, {}, None, 0
-        success = bool(res.get("success"))
-        path, loops = _loop_free_path(steps, start)
-        placed = [s["turn"] for j, s in enumerate(steps) if s["on_target"] is not None
-                  and s["on_target"] > (steps[j - 1]["on_target"] if j else n_start)]
-        moves = sum(s["moved"] for s in steps)
-        if success:
-            good = f"Solved in {len(traj)} turns ({moves} moves); the plan below needs {len(path)} moves."
-        else:
-            final = steps[-1]["on_target"] if steps and steps[-1]["on_target"] is not None else n_start
-            good = (f"Not solved: {final}/{n_boxes} boxes on targets at the end after {moves} moves in {len(traj)} "
-                    f"turns." if n_boxes else f"Not solved after {moves} moves in {len(traj)} turns.")
-        good += (f" Pushing a box onto a target worked at turn(s) {_few(placed, 6)}." if placed
-                 else " No box reached a target.")
-        bad = self._mistakes(traj, steps, corner, loops) or [
-            "No wall bumps, corner deadlocks, loops or format errors."
-            + ("" if success else " The episode ended before every box was placed.")]
-        return Skill(good, "\n".join(bad), self._workflow(success, path, n_start, n_boxes, start))
-
-    def _mistakes(self, traj, steps, corner, loops):
-        import env_sokoban as es
-        k, bad = self.max_items, []
-        bumps, seen = [], set()
-        for s in steps:     # each blocked (cell, move) once, at its first turn
-            key = (s.get("cell"), s["action"]) if s.get("cell") is not None else id(s)
-            if not s["moved"] and key not in seen:
-                seen.add(key)
-                bumps.append(s)
-        what = {True: "walked into a wall", False: "pushed a box that cannot move", None: "was blocked"}
-        # keyed by the cell, like the workflow, so "do not go left at (row 1, col 2)" can be looked up by position
-        at = lambda s: f"at {es.position_text(s['cell'])}, " if s.get("cell") is not None else ""
-        bad += [f"Turn {s['turn']}: {at(s)}{_DIRECTIONS[s['action'] - 1]} {what[s['wall']]} (nothing moved)."
-                for s in bumps[:k]]
-        bad += [f"(+{len(bumps) - k} more blocked moves.)"] if len(bumps) > k else []
-        dead = [s for s in steps if corner.get(id(s))]
-        bad += [f"Turn {s['turn']}: pushed a box {_DIRECTIONS[s['action'] - 1]} into the corner at "
-                f"(row {s['box_to'][0]}, col {s['box_to'][1]}), not a target: deadlock, that box can never reach "
-                f"a target." for s in dead[:k]]
-        bad += [(f"Turns {a + 1}-{b}" if b > a + 1 else f"Turn {b}") + ": loop, back to the position "
-                + (f"after turn {a}" if a else "of the start") + " (moves wasted)." for a, b in loops[:k]]
-        bad += [f"(+{len(loops) - k} more loops.)"] if len(loops) > k else []
-        invalid = [(i, t.get("error")) for i, t in enumerate(traj, 1) if not t.get("valid", True)]
-        if invalid:
-            bad.append(f"{len(invalid)} turn(s) with an invalid reply (turns {_few([i for i, _ in invalid], 6)}; "
-                       f"first error: {_clip(invalid[0][1], 120)}); always answer in the required action format.")
-        return bad
-
-    @staticmethod
-    def _workflow(success, path, n_start, n_boxes, start=None):
-        # Each move is keyed by the cell it is made from, in the words of the observation ("You are at (row 1, col 2)"),
-        # so the plan can be looked up by position after a detour instead of only followed from the start.
-        import env_sokoban as es
-        cells = [start[0] if start else None] + [s["state"][0] if s["state"] else None for s in path]
-        name = lambda j, s: ((f"at {es.position_text(cells[j])}: " if cells[j] is not None else "")
-                             + _DIRECTIONS[s["action"] - 1] + (" (push the box)" if s["pushed"] else ""))
-        if success:
-            return ("Moves from the start (loops and bumps removed):\n"
-                    + _numbered(name(j, s) for j, s in enumerate(path)))
-        counts = [n_start] + [s["on_target"] if s["on_target"] is not None else 0 for s in path]
-        best = max(range(len(counts)), key=lambda j: (counts[j], -j))      # earliest state with the most boxes placed
-        if counts[best] > n_start:
-            return (f"No successful workflow yet. Best prefix so far ({counts[best]}/{n_boxes} boxes on targets):\n"
-                    + _numbered(name(j, s) for j, s in enumerate(path[:best])))
-        return "No successful workflow yet. No move sequence placed a box on a target yet; avoid the mistakes above."
-
-
-def _loop_free_path(steps, start):
-    """The moves with every loop cut out (a revisited state rewinds the path) -> (path, [(first_turn, turn)]).
-    Bumps never change the state, so they never enter the path. Still a valid plan from the start."""
-    seen, path, loops = {start: 0}, [], []
-    for s in steps:
-        if not s["moved"]:
-            continue
-        if s["state"] is not None and s["state"] in seen:
-            first = seen[s["state"]]
-            loops.append((path[first - 1]["turn"] if first else 0, s["turn"]))
-            path = path[:first]
-            seen = {start: 0, **{p["state"]: j + 1 for j, p in enumerate(path)}}
-            continue
-        path.append(s)
-        if s["state"] is not None:
-            seen[s["state"]] = len(path)
-    return path, loops
-
-
-_CALL = re.compile(r"apis\.(\w+)\.(\w+)")
-
-
-class AppWorldRuleSummarizer:
-    """Deterministic AppWorld skill: the API calls that worked, the failed ones with their error lines, and the call
-    sequence of a success as the workflow (from turns with keys reply/code/observation/valid/error)."""
-
-    def __init__(self, max_items=5):
-        self.max_items = max_items
-        self.num_errors = 0
-
-    def summarize(self, requests):
-        return [_guarded(self, self.summarize_one, r) for r in requests]
-
-    def summarize_one(self, req):
-        worked, failed, no_code = [], [], []
-        for i, t in enumerate(req.trajectory, 1):
-            code, obs = t.get("code") or "", str(t.get("observation") or "")
-            if not code.strip():
-                no_code.append(i)
-                continue
-            calls = [f"{a}.{b}" for a, b in _CALL.findall(code)]
-            if obs.lstrip().startswith("Execution failed"):
-                lines = [x.strip() for x in obs.strip().splitlines() if x.strip()]
-                failed.append((i, calls, _clip(lines[-1] if lines else obs, 160)))
-            else:
-                worked += [c for c in calls if c not in worked]
-        res, k = req.result or {}, self.max_items
-        success = bool(res.get("success"))
-        head = "Task completed." if success else f"Not completed (completion {float(res.get('completion') or 0):.2f})."
-        good = head + (f" API calls that ran without error: {', '.join(worked)}." if worked
-                       else " No API call ran without error.")
-        bad = [f"Turn {i}: {', '.join(c) or 'code'} failed: {err}" for i, c, err in failed[:k]]
-        bad += [f"(+{len(failed) - k} more failed executions.)"] if len(failed) > k else []
-        if no_code:
-            bad.append(f"{len(no_code)} turn(s) without a code block (turns {_few(no_code, 6)}).")
-        if not bad:
-            bad = ["No failed calls." + ("" if success else " The task was still not solved: check the answer and "
-                                         "finish with apis.supervisor.complete_task.")]
-        if success:
-            flow = "API calls in order:\n" + _numbered(f"apis.{c}" for c in worked)
-        else:
-            flow = "No successful workflow yet." + (" Calls that worked so far:\n" + _numbered(
-                f"apis.{c}" for c in worked) if worked else "")
-        return Skill(good, "\n".join(bad), flow)
-
-
-class RuleBasedSummarizer:
-    """Dispatches each request to the rule summarizer of its env ("sokoban" | "appworld")."""
-
-    def __init__(self):
-        self.by_env = {"sokoban": SokobanRuleSummarizer(), "appworld": AppWorldRuleSummarizer()}
-
-    def summarize(self, requests):
-        out = []
-        for r in requests:
-            s = self.by_env.get(r.env)
-            if s is None:
-                log.warning("RuleBasedSummarizer: unknown env %r", r.env)
-            out.append(s.summarize([r])[0] if s else None)
-        return out
-
-
-def _guarded(owner, fn, req):
-    try:
-        return fn(req)
-    except Exception as e:   # a malformed trajectory costs its skill, not the training run; counted for the logs
-        owner.num_errors += 1
-        log.warning("%s failed on task %s: %r", type(owner).__name__, getattr(req, "task_id", "?"), e)
-        return None
-
-
-def _numbered(items):
-    return "\n".join(f"{i}. {x}" for i, x in enumerate(items, 1))
-
-
-def _few(xs, n):
-    return ", ".join(map(str, xs[:n])) + (f" and {len(xs) - n} more" if len(xs) > n else "")
-
-
-def make_summarizer(kind, env=None, model=None, tokenizer=None, base_url=None, http_model=None, api_key=None, **kw):
-    """kind "rule" (env "sokoban" | "appworld" | None = dispatch), "llm" (model + tokenizer from model.load), or
-    "http" (base_url + http_model)."""
-    if kind == "rule":
-        return {"sokoban": SokobanRuleSummarizer, "appworld": AppWorldRuleSummarizer,
-                None: RuleBasedSummarizer}[env](**kw)
-    if kind == "llm":
-        if model is None or tokenizer is None:
-            raise ValueError("make_summarizer('llm') needs model and tokenizer (model.load)")
-        return LLMSummarizer(model, tokenizer, **kw)
-    if kind == "http":
-        if not base_url or not http_model:
-            raise ValueError("make_summarizer('http') needs base_url and http_model")
-        return HTTPSummarizer(base_url, http_model, api_key=api_key, **kw)
-    raise ValueError(f"unknown summarizer kind {kind!r} (rule, llm, http)")
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# Summarization off the critical path (choice 7)
+# Summarization off the critical path (choice 6)
 
 class AsyncSummarizer:
     """submit(iteration, requests) queues a summary job; collect() returns the (task_id, Skill) pairs finished since
@@ -677,10 +392,8 @@ class AsyncSummarizer:
             finally:
                 self._queue.task_done()
 
-    def submit(self, iteration, requests=None):
-        """Queue the requests of one iteration. submit(requests) (design.md's one-argument form) also works."""
-        if requests is None:
-            iteration, requests = None, iteration
+    def submit(self, iteration, requests):
+        """Queue the requests of one iteration."""
         if self._closed:
             raise RuntimeError("AsyncSummarizer is closed")
         requests = list(requests)
@@ -727,20 +440,20 @@ class AsyncSummarizer:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The per-task skill bank with UCB retrieval (choice 5)
+# The per-task skill bank with UCB retrieval (choice 4)
 
 class SkillBank:
     """B(x) per task id. retrieve -> (skill_id, Skill) | None; update(task_id, skill_id, reward) credits the pick.
 
     Each entry keeps: id (per-task counter, never reused, so a late update of an evicted skill is a no-op), the skill,
     picks n(e), updates, reward_sum. UCB score = reward_sum / updates + c sqrt(ln N / n), N = retrievals of the task.
-    `seed` is stored with the bank for reproducibility bookkeeping only: retrieval has no randomness.
+    Retrieval has no randomness.
     """
 
-    def __init__(self, capacity=16, c=math.sqrt(2), seed=0):
+    def __init__(self, capacity=16, c=math.sqrt(2)):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.capacity, self.c, self.seed = int(capacity), float(c), int(seed)
+        self.capacity, self.c = int(capacity), float(c)
         self.tasks = {}     # task_id -> {"next_id": int, "retrievals": int, "entries": [entry, ...] oldest first}
         self.counters = {"added": 0, "duplicates": 0, "evicted": 0, "retrievals": 0, "untried_picks": 0}
 
@@ -825,13 +538,13 @@ class SkillBank:
     def to_json(self):
         tasks = {t: {**b, "entries": [{**e, "skill": e["skill"].to_dict()} for e in b["entries"]]}
                  for t, b in self.tasks.items()}
-        return json.dumps({"version": 1, "capacity": self.capacity, "c": self.c, "seed": self.seed,
-                           "counters": self.counters, "tasks": tasks}, ensure_ascii=False)
+        return json.dumps({"version": 1, "capacity": self.capacity, "c": self.c, "counters": self.counters,
+                           "tasks": tasks}, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, s):
         d = json.loads(s)
-        bank = cls(d["capacity"], d["c"], d.get("seed", 0))
+        bank = cls(d["capacity"], d["c"])
         bank.counters.update(d.get("counters", {}))
         for t, b in d["tasks"].items():
             bank.tasks[t] = {**b, "entries": [{**e, "skill": Skill.from_dict(e["skill"])} for e in b["entries"]]}
@@ -853,7 +566,7 @@ class SkillBank:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Teacher prompts (choice 6)
+# Teacher prompts (choice 5)
 
 def with_skill(messages, skill_text, header=SKILL_HEADER):
     """Copy of messages with "header\\nskill_text\\n\\n" before the content of the first user message. skill_text
@@ -868,30 +581,27 @@ def with_skill(messages, skill_text, header=SKILL_HEADER):
     raise ValueError("with_skill: the messages have no user message to put the skill in")
 
 
-def teacher_prompt_ids(tokenizer, messages, skill_text, header=SKILL_HEADER):
-    """Token ids of the teacher prompt = model.encode_prompt(with_skill(...))."""
-    from model import encode_prompt
-    return encode_prompt(tokenizer, with_skill(messages, skill_text, header))
-
-
 def privileged_block(text, max_chars=4000):
     """OPD's fixed ground-truth context (ep.privileged_context(): Sokoban's optimal plan, AppWorld's solution code),
     cut to max_chars; None when there is none (that task gets no teacher). Insert it with
     with_skill(messages, privileged_block(text), header=PRIVILEGED_HEADER)."""
     text = str(text).strip() if text is not None else ""
-    return _clip(text, max_chars) if text else None
+    return clip_text(text, max_chars) if text else None
 
 
 if __name__ == "__main__":
-    import env_sokoban as es
-    level = es.load_levels("paper", "train")[0]
-    ep = es.SokobanEpisode(level)
-    for a in (1, 3, 3, 4, 4) + tuple(level.optimal_plan):   # a wall bump, a loop, then the plan
-        if not ep.done:
-            ep.step(f"<think>demo</think><action>{_DIRECTIONS[a - 1]}</action>")
-    skill = SokobanRuleSummarizer().summarize([SummaryRequest.from_episode("sokoban", ep)])[0]
-    print(es.render(level.room_fixed, level.room_state), "\n", ep.result(), "\n", skill.to_prompt(), sep="")
+    # a demo without any model: two skills in a bank, UCB's picks, and the teacher prompt that carries the pick
     bank = SkillBank()
-    bank.add(ep.task_id, skill)
-    print(bank.retrieve(ep.task_id)[0], bank.stats())
-    print(with_skill(ep.initial_messages(), skill.to_prompt())[1]["content"][:300])
+    good = Skill("Pushing the box right from the left side worked.", "Walked into the top wall twice.",
+                 "1. down\n2. right (push the box)\n3. right (push the box)")
+    bank.add("level-1", parse_skill("Sure: {'success_analysis': 'none', 'mistake_analysis': 'looped left-right',"
+                                    " 'golden_workflow': ['up', 'right']}"))
+    bank.add("level-1", good)
+    for reward in (1.0, 0.0, 1.0):
+        skill_id, skill = bank.retrieve("level-1")
+        bank.update("level-1", skill_id, reward)
+        scores = [round(x, 3) for x in bank.scores("level-1")]
+        print(f"picked skill {skill_id}, credited {reward}; UCB scores now {scores}")
+    prompt = with_skill([{"role": "system", "content": "You play Sokoban."},
+                         {"role": "user", "content": "The room: ..."}], good.to_prompt())
+    print(prompt[1]["content"])

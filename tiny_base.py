@@ -1,66 +1,40 @@
 """tiny_base.py — the offline "model organism": a tiny pretrained base model that stands in for an instruct LLM on
-Sokoban, built on this CPU in a few minutes, so that Skill-SD can be run and measured with no downloads.
+Sokoban, built on a CPU in about 4 minutes, so that Skill-SD can be run and measured with no downloads.
 
 WHAT IT IS. A 0.84M-parameter Qwen3 (model.build_tiny_model) with its own tokenizer, pretrained by behaviour cloning on
-transcripts of scripted players. The transcripts go through the REAL pipeline: SokobanEpisode's chat prompt and
-observations, model.encode_prompt for the first prompt and model.encode_segment for each observation (exactly the token
-stream model.rollout records), replies parsed by env_sokoban.parse_action, and skills made by
-skills.SokobanRuleSummarizer from an earlier episode on the same level and put in the prompt with skills.with_skill,
-exactly what train.py's teacher sees. The scripted players are built to give the three properties the paper's base
-has (notes/method.md §8-9, issue 8): (1) it follows the action format; (2) it plays weakly; (3) it plays better with a
-skill from its own earlier episode in its context, more than with a skill from another level.
+transcripts of scripted players. The transcripts go through the real pipeline: SokobanEpisode's chat prompt and
+observations, model.encode_prompt / model.encode_segments (exactly the token stream model.rollout records), replies
+parsed by env_sokoban.parse_action, and skills written by rule_skills.SokobanRuleSummarizer from an earlier episode on
+the same level, put in the prompt with skills.with_skill: what train.py's teacher sees. The players give it the three
+properties the paper's base has (METHOD.md §10): it follows the action format, it plays weakly, and it plays better
+with a skill from its own earlier episode in its context, more than with a skill from another level.
 
-WHAT IT IS NOT. It is not a language model: it has never seen text other than these transcripts, it cannot write a
-skill (train.py must use --summarizer rule with it), and its "knowledge" is by construction: the plain player is a
-noisy solver whose mistakes are systematic (a novice's rule: walk straight at the box, whatever lies in between or
-whichever way that pushes it), so the solver's move is present in its output distribution but is not the most likely
-move. RL can raise it, which is
-why held-out accuracy can improve in minutes. Its numbers say whether the algorithms run and behave as argued, not
-how a 4B instruct model would score.
+WHAT IT IS NOT. A language model: it has seen no text but these transcripts, cannot write a skill (train.py uses the
+rule summariser with it), and its knowledge is by construction: the plain player is a noisy solver whose mistakes are
+systematic, so the solver's move is in its output distribution but not the most likely one, and RL can raise it. Its
+numbers say whether the algorithms run and behave as argued, not how a 4B instruct model would score. RESULTS.md has
+its measurements and the history of its design.
 
 The recipe (RECIPE below; every number is ours):
- 1. Levels: the "easy" preset's generator (6x6, 1 box, depth 300) from seed 5,000,000 on, disjoint from the train
-    (10,000+) and test (1,000,000+) seeds; episodes of at most 12 turns (train.py --max-turns 12: 1-box optima are
-    3.8 moves on average, and shorter episodes make every forward pass cheaper).
- 2. Plain player b0(s): with p_opt the BFS-optimal move from the current state, with p_naive the novice's move (one
-    step toward the nearest box not on a target), else uniform. As a script it solves ~38% of levels at T=1 and ~25%
-    greedily (its argmax walks into the wall between it and the box, or pushes the box the wrong way); with its two
-    preferences swapped, greedy play would solve every level. Its mistake is a function of the state only, on
-    purpose: the previous organism's b0 repeated its last move instead, a copy of the context like reading a skill,
-    and RL that unlearned the repeating unlearned the reading with it (README).
- 3. Skill player: a skill from an earlier b0 episode on the same level (a success with prob. skill_success, else the
-    first attempt, whatever it was) via SokobanRuleSummarizer, put in the prompt with skills.with_skill. The
-    summarizer keys each workflow move and each blocked move by the cell it was made from ("2. at (row 1, col 1):
-    down", "Turn 3: at (row 2, col 1), left walked into a wall"), in the words of the observation's "You are at
-    (row 1, col 1)." line. The skill player is b0 except at those cells: at a workflow cell it plays that move with
-    p_follow; a move the skill reports blocked at this cell loses a fraction p_avoid of its probability. So a skill
-    only overrides behaviour where it applies, a failed attempt's skill still carries usable information (its
-    mistakes), and reading either is one-token induction copying (match the cell token, read what follows it), which
-    still applies after a detour. The first organism keyed moves by step number ("3. up" at "Turn 3"): that applies
-    only while every earlier move matched, failed attempts' skills carried nothing, and after RL its teacher was no
-    better than the student; with cell keys the RL gains are also much larger (README).
- 4. Replies are one token: "<action>up</action>" etc. are added tokens of the tokenizer (the parser accepts a reply
-    without <think>), so a turn costs 2 sampled tokens. The loss is the cross-entropy against the player's full
-    action distribution (soft target) on the action token, plus the end-of-turn token; none on prompt or observations.
- 5. Tokenizer: byte-level BPE trained on the transcripts (any string still encodes and round-trips), plus added tokens
-    for the fixed texts (system prompt, rules, format, skill header, JSON glue, frequent phrases) and one token per
-    rendered grid row ("\n# _ X O _ #", all 7**4 rows of a 6-wide walled room) and per cell ("(row 1, col 2)", the key
-    the skill-reading matches), so the first prompt is ~34 tokens and an observation ~25. Model: Qwen3, hidden 128,
-    3 layers, 4 heads (2 KV), MLP 256, tied embeddings, 0.84M params (0.39M of them the embedding table).
+ 1. Levels: the "easy" preset's generator (6x6, 1 box, depth 300) from seed 5,000,000 on, disjoint by seed from the
+    train (10,000+) and test (1,000,000+) seeds; episodes of at most 12 turns.
+ 2. Plain player b0(s): with p_opt the BFS-optimal move, with p_naive the novice's move (one step toward the nearest
+    box not on a target, whatever lies there), else uniform. Its mistake is a function of the state only (RESULTS.md
+    says why that matters).
+ 3. Skill player: b0, except where the skill of an earlier b0 episode on the same level speaks (rule_skills keys each
+    workflow move and blocked move by the player's cell): at a workflow cell it plays that move with p_follow; a move
+    the skill reports blocked at this cell loses a fraction p_avoid of its probability. Reading a skill is one-token
+    copying by cell, which still applies after a detour, and a failed attempt's skill carries information too.
+ 4. Replies are one token ("<action>up</action>" etc. are added tokens), so a turn costs 2 sampled tokens. The loss is
+    the cross-entropy against the player's full action distribution (soft target) on the action token, plus the
+    end-of-turn token; none on prompt or observations.
+ 5. Tokenizer: byte-level BPE trained on the transcripts, plus added tokens for the fixed texts, one per rendered grid
+    row and one per cell ("(row 1, col 2)"), so the first prompt is ~34 tokens and an observation ~25. Model: hidden
+    128, 3 layers, 4 heads (2 KV), MLP 256, tied embeddings.
  6. Pretraining: AdamW lr 2e-3 (warm-up 50, linear decay), 1000 steps of 16 transcripts of similar length.
- 7. Cache: ~/.cache/skill-sd/tiny-sokoban-<hash>/ (save_pretrained: loadable by model.load(path)); the hash covers
-    RECIPE, the source of the recipe's functions, the env's prompt texts, the rule summarizer and library versions,
-    so a changed recipe rebuilds. Written to a temporary folder, then os.replace. Build time: 3.8 min on this
-    2-core machine (the build uses every core).
-
-Measured (`python tiny_base.py --measure`, 64 held-out "easy" levels x 8 samples, 12 turns, ± s.e. over levels):
-student Acc 39.1 ± 4.3 at T=1, 29.7 ± 5.8 greedy, 0.00% format errors; on the 51 levels where a student sample
-succeeded: student 48.3 ± 5.1, teacher with its own skill 84.1 ± 4.3 (gap +35.8 ± 4.4, paired), teacher with another
-level's skill 74.3 ± 5.0 (the control: a blocked move at the outer wall is true in every level, so another level's
-skill still helps; its workflow does not); along the own skill's workflow the teacher plays the workflow's move with
-probability 0.91, the student with 0.52 (copy_rate). After 40 iterations of GRPO or Skill-SD the teacher still reads
-(0.85-0.94) and its gap stays about +4 (README, "the paper's table at this scale"); on the previous organism, whose
-plain player repeated its last move, RL broke the reading (0.85 -> 0.69) and the gap went to -8 ... -19.
+ 7. Cache: ~/.cache/skill-sd/tiny-sokoban-<hash>/ (a save_pretrained folder, loadable by model.load(path)); the hash
+    covers RECIPE, the source of the recipe's functions (docstrings included: editing one rebuilds), the env's prompt
+    texts, the rule summariser and library versions. Written to a temporary folder, then renamed.
 
 Run: `python tiny_base.py` (build or load, print the path), `python tiny_base.py --measure` (pre-RL measurements:
 student / teacher-with-own-skill / mismatched-skill Acc, format errors, copy rate; `--model <ckpt>` after RL),
@@ -73,9 +47,7 @@ import argparse
 import hashlib
 import inspect
 import json
-import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -86,6 +58,7 @@ from tqdm import tqdm
 
 import env_sokoban as es
 import model as model_lib
+import rule_skills
 import skills as skills_lib
 
 RECIPE = dict(
@@ -129,11 +102,10 @@ def naive_move(game) -> int | None:
     return 4 if bc > pc else 3          # right / left
 
 
-def plain_policy(game, prev: int | None, r: dict) -> np.ndarray:
+def plain_policy(game, r: dict) -> np.ndarray:
     """b0: p_opt on the optimal move, p_naive on the novice's move toward the box, the rest uniform. (4,) over
-    actions 1..4. A function of the state only (prev is unused): a mistake that copies the context (such as
-    repeating the last move) shares the copy circuit with reading a skill, and RL that removes it destroys that
-    reading too (README, tiny base)."""
+    actions 1..4. A function of the state only: a mistake that copies the context (such as repeating the last move)
+    shares the copy circuit with reading a skill, and RL that removes it destroys that reading too (RESULTS.md)."""
     p = np.full(4, (1.0 - r["p_opt"] - r["p_naive"]) / 4)
     for move, mass in ((optimal_action(game), r["p_opt"]), (naive_move(game), r["p_naive"])):
         if move is None:
@@ -143,33 +115,10 @@ def plain_policy(game, prev: int | None, r: dict) -> np.ndarray:
     return p
 
 
-def workflow_moves(skill) -> dict:
-    """A skill's golden workflow as {player cell: move}, from its "k. at (row r, col c): move" lines (the first entry of
-    a cell wins); empty when the skill has no workflow (a failed attempt that placed no box)."""
-    if skill is None:
-        return {}
-    moves = {}
-    for line in skill.golden_workflow.splitlines():
-        m = re.match(r"\s*\d+\.\s+at \(row (\d+), col (\d+)\):\s+(up|down|left|right)\b", line)
-        if m:
-            moves.setdefault((int(m.group(1)), int(m.group(2))), es.ACTION_NAMES.index(m.group(3)) + 1)
-    return moves
-
-
-def blocked_moves(skill) -> set:
-    """The (cell, move) pairs a skill's mistake analysis reports as blocked ("Turn 2: at (row 1, col 2), left walked
-    into a wall (nothing moved)."); empty without a skill."""
-    if skill is None:
-        return set()
-    found = re.findall(r"at \(row (\d+), col (\d+)\), (up|down|left|right) (?:walked into a wall|pushed a box that "
-                       r"cannot move|was blocked)", skill.mistake_analysis)
-    return {((int(a), int(b)), es.ACTION_NAMES.index(m) + 1) for a, b, m in found}
-
-
-def skill_policy(game, prev, workflow: dict, blocked: set, r: dict) -> np.ndarray:
+def skill_policy(game, workflow: dict, blocked: set, r: dict) -> np.ndarray:
     """b0, except: at a workflow cell p_follow on that entry's move; a move the skill reports as blocked at this cell
     loses a fraction p_avoid of its probability (spread over the other moves)."""
-    p = plain_policy(game, prev, r)
+    p = plain_policy(game, r)
     cell = tuple(int(x) for x in game.player)
     move = workflow.get(cell)
     if move is not None:
@@ -188,7 +137,8 @@ def pretrain_levels(r: dict) -> list:
     levels, seed = [], r["level_seed_start"]
     while len(levels) < r["num_levels"]:
         try:
-            levels.append(es._level("pretrain", seed, seed, (6, 6), r["num_boxes"], r["search_depth"], r["max_steps"]))
+            levels.append(es.make_level_unchecked("pretrain", seed, seed, (6, 6), r["num_boxes"], r["search_depth"],
+                                                  r["max_steps"]))
         except es.SokobanGenerationError:
             pass
         seed += 1
@@ -198,20 +148,20 @@ def pretrain_levels(r: dict) -> list:
 def play(level, r: dict, rng: np.random.Generator, skill=None):
     """One scripted episode, by b0 or (with a skill) by the skill player -> (episode, [(reply, target (4,))])."""
     ep = es.SokobanEpisode(level, max_turns=r["max_turns"])
-    workflow, blocked = workflow_moves(skill), blocked_moves(skill)
-    prev, turns = None, []
+    workflow, blocked = rule_skills.workflow_moves(skill), rule_skills.blocked_moves(skill)
+    turns = []
     while not ep.done:
-        p = plain_policy(ep.game, prev, r) if skill is None else skill_policy(ep.game, prev, workflow, blocked, r)
+        p = plain_policy(ep.game, r) if skill is None else skill_policy(ep.game, workflow, blocked, r)
         a = int(rng.choice(4, p=p)) + 1
         reply = ACTION_REPLIES[a - 1]
         turns.append((reply, p))
         ep.step(reply)
-        prev = a
     return ep, turns
 
 
 def make_skill(ep):
-    return skills_lib.SokobanRuleSummarizer().summarize_one(skills_lib.SummaryRequest.from_episode("sokoban", ep))
+    """The rule summariser's skill of a finished episode (what train.py's bank would hold)."""
+    return rule_skills.SokobanRuleSummarizer().summarize_one(skills_lib.SummaryRequest.from_episode("sokoban", ep))
 
 
 def generate_episodes(r: dict, progress=True) -> list[dict]:
@@ -254,7 +204,7 @@ def transcript(tokenizer, level, turns, skill, max_turns) -> dict:
         if done:
             break
         observations.append(obs)
-    segments = encode_segments(tokenizer, observations)
+    segments = model_lib.encode_segments(tokenizer, observations)
     prompt_len, trainable, targets = len(ids), [0] * len(ids), []
     for k, (reply, p) in enumerate(turns):
         reply_ids = [action_ids[ACTION_REPLIES.index(reply)]]   # the one token rollout samples for this reply
@@ -270,28 +220,13 @@ def transcript(tokenizer, level, turns, skill, max_turns) -> dict:
             "eot": eot, "action_ids": action_ids}
 
 
-def encode_segments(tokenizer, observations: list[str]) -> list[list[int]]:
-    """model.encode_segment for many observations at once: the template text around an observation is read off once
-    (with a sentinel, as model.encode_segment does) and the segments are tokenized in one batch; the test checks the
-    result against model.rollout's ledger."""
-    if not observations:
-        return []
-    probe = "SKILLSDOBSERVATIONSENTINEL"
-    text = model_lib._after_reply(tokenizer, [{"role": "user", "content": "hi"},
-                                              {"role": "assistant", "content": model_lib._REPLY},
-                                              {"role": "user", "content": probe}], True)
-    eot = tokenizer.convert_ids_to_tokens(model_lib.stop_token_ids(tokenizer)[0])
-    before, after = text[len(eot):].split(probe)
-    return tokenizer([before + o + after for o in observations], add_special_tokens=False)["input_ids"]
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Tokenizer (recipe 5)
 
 def fixed_phrases() -> list[str]:
     """Texts the env / summarizer write verbatim, each made one added token."""
-    head, _ = es._RULES.split("{limit}")
-    return [*ACTION_REPLIES, es.SYSTEM_PROMPT, head, ".\n" + es._FORMAT["single"] + "\n\n",
+    head, _ = es.RULES_TEXT.split("{limit}")
+    return [*ACTION_REPLIES, es.SYSTEM_PROMPT, head, ".\n" + es.FORMAT_TEXT["single"] + "\n\n",
             skills_lib.SKILL_HEADER, skills_lib.PRIVILEGED_HEADER,
             '{"success_analysis": "', '", "mistake_analysis": "', '", "golden_workflow": "', '"}',
             "Moves from the start (loops and bumps removed):", "No successful workflow yet.",
@@ -397,8 +332,8 @@ def recipe_hash(r: dict) -> str:
     import tokenizers
     import transformers
     parts = [json.dumps(r, sort_keys=True), torch.__version__, transformers.__version__, tokenizers.__version__,
-             es.SYSTEM_PROMPT, es._RULES, json.dumps(es._FORMAT), skills_lib.SKILL_HEADER,
-             inspect.getsource(skills_lib.SokobanRuleSummarizer), inspect.getsource(skills_lib.Skill),
+             es.SYSTEM_PROMPT, es.RULES_TEXT, json.dumps(es.FORMAT_TEXT), skills_lib.SKILL_HEADER,
+             inspect.getsource(rule_skills.SokobanRuleSummarizer), inspect.getsource(skills_lib.Skill),
              inspect.getsource(model_lib.build_tiny_model), inspect.getsource(es.SokobanEpisode._observation),
              inspect.getsource(es.position_text)]
     parts += [inspect.getsource(f) for f in _RECIPE_FUNCTIONS]
@@ -410,7 +345,6 @@ def build(r: dict, progress=True):
     t0 = time.time()
     torch.manual_seed(r["seed"])
     episodes = generate_episodes(r, progress)
-    t_data = time.time() - t0
     tokenizer = build_tokenizer(corpus_texts(episodes, r), r["vocab_size"])
     data = [transcript(tokenizer, e["level"], e["turns"], e["skill"], r["max_turns"])
             for e in tqdm(episodes, desc="tokenize", disable=not progress, leave=False)]
@@ -432,8 +366,8 @@ def build(r: dict, progress=True):
 
 
 # the functions whose source is part of the recipe hash (bound at import, so a monkeypatched name does not count)
-_RECIPE_FUNCTIONS = (grid_rows, positions, encode_segments, optimal_action, naive_move, plain_policy, workflow_moves,
-                     blocked_moves, skill_policy,
+_RECIPE_FUNCTIONS = (grid_rows, positions, model_lib.encode_segments, optimal_action, naive_move, plain_policy,
+                     rule_skills.workflow_sequence, rule_skills.workflow_moves, rule_skills.blocked_moves, skill_policy,
                      pretrain_levels, play, generate_episodes, transcript, fixed_phrases, build_tokenizer,
                      corpus_texts, pretrain, sequence_loss, build)
 
@@ -484,34 +418,6 @@ def ensure_built(recipe: dict | None = None, cache_root: str | None = None, rebu
 # ----------------------------------------------------------------------------------------------------------------------
 # Pre-RL measurements: student, teacher with its own skill, teacher with a mismatched skill
 
-def _play(model, tokenizer, levels, prompts_for, samples, temperature, seed, max_turns):
-    """Episodes of each level (samples each) -> (results (L, samples) of dicts, episodes)."""
-    jobs = [(i, s) for i in range(len(levels)) for s in range(samples)]
-    eps = [es.SokobanEpisode(levels[i], max_turns=max_turns) for i, _ in jobs]
-    prompts = [prompts_for(i, ep) for (i, _), ep in zip(jobs, eps)]
-    gen = torch.Generator().manual_seed(seed)
-    cfg = model_lib.SamplingConfig(temperature=temperature, max_new_tokens=8)
-    for k in range(0, len(eps), 128):
-        model_lib.rollout(model, tokenizer, eps[k:k + 128], cfg, generator=gen, prompts=prompts[k:k + 128])
-    res = [[None] * samples for _ in levels]
-    epi = [[None] * samples for _ in levels]
-    for (i, s), ep in zip(jobs, eps):
-        res[i][s], epi[i][s] = ep.result(), ep
-    return res, epi
-
-
-def _acc(res, rows=None):
-    """Mean success and its standard error over levels (samples of a level = one clustered observation)."""
-    rows = range(len(res)) if rows is None else rows
-    per = np.array([np.mean([r["success"] for r in res[i]]) for i in rows])
-    return 100 * per.mean(), (100 * per.std(ddof=1) / math.sqrt(len(per)) if len(per) > 1 else 0.0)
-
-
-def _fmt(res):
-    turns = sum(r["turns"] for row in res for r in row)
-    return 100 * sum(r["format_errors"] for row in res for r in row) / max(1, turns)
-
-
 @torch.no_grad()
 def copy_rate(model, tokenizer, levels, skills, max_turns) -> tuple:
     """How well the model reads a skill: replay each level along its skill's own workflow and average, over those turns,
@@ -520,9 +426,8 @@ def copy_rate(model, tokenizer, levels, skills, max_turns) -> tuple:
     device = next(model.parameters()).device
     teacher, student = [], []
     for level, skill in zip(levels, skills):
-        # the lines workflow_moves reads, but every move in order (workflow_moves keeps one move per cell)
-        moves = re.findall(r"^\s*\d+\.\s+at \(row \d+, col \d+\):\s+(up|down|left|right)\b", skill.golden_workflow,
-                           re.M)
+        # every move of the workflow in order (workflow_moves keeps one move per cell)
+        moves = [es.ACTION_NAMES[a - 1] for _, a in rule_skills.workflow_sequence(skill)]
         turns = [(f"<action>{m}</action>", (0.25,) * 4) for m in moves][:max_turns]
         if not turns:
             continue
@@ -536,62 +441,25 @@ def copy_rate(model, tokenizer, levels, skills, max_turns) -> tuple:
     return 100 * float(np.mean(teacher)), 100 * float(np.mean(student))
 
 
-@torch.no_grad()
-def measure(model, tokenizer, preset="easy", samples=8, max_turns=None, num_levels=64, seed=0) -> dict:
-    """Student Acc (T=1 and greedy), teacher Acc with its own skill and with a mismatched skill on the same levels,
-    format-error rate; ± = standard error over levels."""
-    levels = es.load_levels(preset, "test")[:num_levels]
-    max_turns = max_turns or RECIPE["max_turns"]
-    plain = lambda i, ep: ep.initial_messages()
-    res, eps = _play(model, tokenizer, levels, plain, samples, 1.0, seed, max_turns)
-    greedy, _ = _play(model, tokenizer, levels, plain, 1, 0.0, seed, max_turns)
-    out = {"levels": len(levels), "samples": samples, "student_acc": _acc(res), "student_greedy": _acc(greedy),
-           "student_format_error_pct": _fmt(res)}
-    skills, have = {}, []
-    for i in range(len(levels)):     # own skill: the shortest successful episode of the student's samples
-        wins = [ep for ep in eps[i] if ep.result()["success"]]
-        if wins:
-            skills[i] = make_skill(min(wins, key=lambda e: e.result()["turns"]))
-            have.append(i)
-    out["levels_with_skill"] = len(have)
-    if len(have) < 2:
-        return out
-    prompt = {i: skills[i].to_prompt() for i in have}
-    other = {i: prompt[have[(k + 1) % len(have)]] for k, i in enumerate(have)}      # another level's success
-    sub = [levels[i] for i in have]
-    fresh, _ = _play(model, tokenizer, sub, plain, samples, 1.0, seed + 1, max_turns)
-    own = lambda k, ep: skills_lib.with_skill(ep.initial_messages(), prompt[have[k]])
-    mis = lambda k, ep: skills_lib.with_skill(ep.initial_messages(), other[have[k]])
-    t_own, _ = _play(model, tokenizer, sub, own, samples, 1.0, seed + 2, max_turns)
-    t_mis, _ = _play(model, tokenizer, sub, mis, samples, 1.0, seed + 3, max_turns)
-    g_own, _ = _play(model, tokenizer, sub, own, 1, 0.0, seed, max_turns)
-    g_stu, _ = _play(model, tokenizer, sub, plain, 1, 0.0, seed, max_turns)
-    diff = np.array([np.mean([r["success"] for r in t_own[k]]) - np.mean([r["success"] for r in fresh[k]])
-                     for k in range(len(have))])
-    out.update({"student_acc_same_levels": _acc(fresh), "teacher_own_acc": _acc(t_own),
-                "teacher_mismatched_acc": _acc(t_mis), "teacher_gap": (100 * diff.mean(),
-                                                                       100 * diff.std(ddof=1) / math.sqrt(len(diff))),
-                "student_greedy_same_levels": _acc(g_stu), "teacher_own_greedy": _acc(g_own),
-                "teacher_format_error_pct": _fmt(t_own),
-                "copy_rate": copy_rate(model, tokenizer, sub, [skills[i] for i in have], max_turns)})
-    return out
+def resolve(name: str) -> str:
+    """What a command line's --model means: "tiny-sokoban" is this organism's cache folder (built on first use, about
+    4 minutes, every core); any other name (a hub id, a folder, "tiny") is passed on unchanged."""
+    return ensure_built() if name == "tiny-sokoban" else name
 
 
-def print_measurements(m: dict) -> None:
-    pm = lambda v: f"{v[0]:5.1f} ± {v[1]:.1f}"
-    print(f"held-out levels: {m['levels']} x {m['samples']} samples (T=1); ± = s.e. over levels")
-    print(f"student Acc T=1            {pm(m['student_acc'])}   greedy {pm(m['student_greedy'])}   "
-          f"format errors {m['student_format_error_pct']:.2f}% of turns")
-    if "teacher_own_acc" in m:
-        print(f"on the {m['levels_with_skill']} levels where a student sample succeeded (fresh samples):")
-        print(f"  student                  {pm(m['student_acc_same_levels'])}   greedy "
-              f"{pm(m['student_greedy_same_levels'])}")
-        print(f"  teacher, own skill       {pm(m['teacher_own_acc'])}   greedy {pm(m['teacher_own_greedy'])}   "
-              f"format errors {m['teacher_format_error_pct']:.2f}%")
-        print(f"  teacher, mismatched skill {pm(m['teacher_mismatched_acc'])}   (control)")
-        print(f"  teacher gap (own - student, paired by level) {pm(m['teacher_gap'])}")
-        print(f"  along the own skill's workflow, P(the workflow's move): teacher {m['copy_rate'][0]:.1f}%, "
-              f"student {m['copy_rate'][1]:.1f}%")
+def parse_recipe(items: list[str]) -> dict:
+    """--recipe KEY=VALUE ... -> RECIPE overrides, each converted with the type of its RECIPE entry; a clear error
+    (SystemExit) for an unknown key or a bad value, before anything is built."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in RECIPE:
+            raise SystemExit(f"--recipe {item!r}: use KEY=VALUE with KEY one of {sorted(RECIPE)}")
+        try:
+            overrides[key] = type(RECIPE[key])(value)      # every RECIPE entry is an int or a float
+        except ValueError:
+            raise SystemExit(f"--recipe {item!r}: {key} takes a {type(RECIPE[key]).__name__}") from None
+    return overrides
 
 
 if __name__ == "__main__":
@@ -605,20 +473,18 @@ if __name__ == "__main__":
                     help="a variant organism: override RECIPE entries (e.g. p_follow=0.75); it gets its own cache "
                          "folder, whose path train.py takes as --model (the tiny profile applies to it too)")
     args = ap.parse_args()
-    overrides = {}
-    for item in args.recipe:
-        key, sep, value = item.partition("=")
-        if not sep or key not in RECIPE:
-            raise SystemExit(f"--recipe {item!r}: use KEY=VALUE with KEY one of {sorted(RECIPE)}")
-        try:
-            overrides[key] = type(RECIPE[key])(value)      # every RECIPE entry is an int or a float
-        except ValueError:
-            raise SystemExit(f"--recipe {item!r}: {key} takes a {type(RECIPE[key]).__name__}")
+    overrides = parse_recipe(args.recipe)
     torch.set_num_threads(args.threads)
     path = args.model or ensure_built(overrides, rebuild=args.rebuild)
     print(path)
     if args.measure:
+        import eval as eval_lib        # a command-line entry: the library tiny_base.py never imports eval.py
+        from common import make_env
         t0 = time.time()
-        m = measure(*model_lib.load(path, device="cpu", dtype=torch.float32), samples=args.samples)
-        print_measurements(m)
+        base, base_tokenizer = model_lib.load(path, device="cpu", dtype=torch.float32)
+        env = make_env("sokoban", "easy", max_turns=RECIPE["max_turns"])
+        m, levels, skills = eval_lib.teacher_gap(base, base_tokenizer, env, env.test_tasks[:64], samples=args.samples)
+        if levels:
+            m["copy_rate"] = copy_rate(base, base_tokenizer, levels, skills, RECIPE["max_turns"])
+        print(eval_lib.format_teacher_gap(m))
         print(f"({time.time() - t0:.0f}s)")

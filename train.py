@@ -1,21 +1,25 @@
-"""train.py — Skill-SD: GRPO plus skill-conditioned self-distillation, one readable loop.
+"""train.py — Skill-SD: GRPO plus skill-conditioned self-distillation, one readable loop (the paper's Algorithm 1).
 
-Paper: Skill-SD (Wang et al., 2026), Algorithm 1 and Eq. 10–14; method.md §2 is the spec this file follows. One
-iteration, top to bottom (the phase functions below carry the same numbers):
+Paper: Skill-SD (Wang et al., 2026), Algorithm 1 and Eq. 10–14; METHOD.md is the spec this file follows. One
+iteration, top to bottom (`train()` calls one function per phase, numbered the same):
 
   1. sync the teacher        θ̄ ← θ. The dynamic teacher needs no copy: its log-probs are taken with this iteration's
-                             pre-update weights (θ_old). The "frozen" ablation keeps θ₀ in a second model.
+                             pre-update weights θ_old. The "frozen" ablation keeps θ₀ in a second model.
   2. pick tasks              a curriculum over the training levels (Sokoban), uniform otherwise.
-  3. roll out                G episodes per task by the student under the plain prompt (KV-cached, model.rollout).
-  4. reward and advantage    completion rate per episode, group-normalised (loss.group_advantages).
-  5. retrieve skills         one skill per task from its bank by UCB (skills.SkillBank); cold tasks get no teacher.
-  6. teacher re-scoring      the same network with the skill in its prompt scores the student's identical tokens.
+  3. retrieve skills         one skill per task from its bank by UCB (skills.SkillBank); cold tasks get no teacher.
+                             Algorithm 1 retrieves after sampling; nothing here depends on the rollouts, and two
+                             ablations need the skill in the sampling prompt, so it comes first.
+  4. roll out                G episodes per task by the student under the plain prompt (KV-cached, model.rollout).
+  5. reward and advantage    completion rate per episode, group-normalised (loss.group_advantages).
+  6. teacher re-scoring      the same network with the skill in its prompt scores the student's identical tokens;
+                             log π_old by a full forward too (not sampling-time logits).
   7. update                  PPO-style mini-batch steps on L_GRPO + λ·L_SDL (loss.py), gradient accumulation.
-  8. summarise               completed trajectories → skills → the bank, available from the next iteration.
+  8. summarise and credit    completed trajectories → skills → the bank (from the next iteration on); the skill
+                             each task used is credited with its group's mean reward (the UCB statistics).
   9. log                     one JSONL line per iteration; periodic held-out evaluation; atomic checkpoints.
 
-Methods and ablations (method.md §7) share every line above and differ only in who samples, what each prompt holds
-and which loss terms are on:
+Methods and ablations (METHOD.md §8) share every line above; `resolve_arm` turns the flags into one `Arm` (who
+samples, what the teacher's context is, which weights it has, which loss terms are on) and nothing else reads them:
   --method skill-sd     student samples (plain); teacher = skill + θ_old; GRPO + λ·SDL          (the paper)
   --method grpo         student samples (plain); no teacher; GRPO                                (Vanilla GRPO)
   --method opd          student samples (plain); teacher = ground truth + θ_old; SDL only       (Vanilla OPD)
@@ -23,22 +27,18 @@ and which loss terms are on:
   --teacher-weights frozen     the teacher keeps the initial weights θ₀                          (ablation)
   --rollout-by teacher         the skill-conditioned teacher samples, ρ^off = π_θ / sg(π_teacher)   (ablation)
   --teacher-context ground-truth    the privileged block instead of a skill
-  --lam                        the SDL weight λ (paper: 0.001)
-  --ref-kl β                   labelled variant, not the paper: + β·KL(π_θ ‖ π_θ₀) to the base under the plain prompt
-                               (the PPO-RLHF regulariser), to tell a frozen teacher's regularising from its skill
-  --lam-warmdown K             labelled variant, not the paper: λ falls linearly to 0 at iteration K
-  --sdl-mask covered           labelled variant, not the paper: L_SDL only on turns whose state the skill speaks about
-                               (Sokoban: the player's cell is one of the skill's keys); every skill-teacher run logs
-                               ℓ on the covered and the uncovered turns (ell_mean_covered / _uncovered, covered_frac)
+Labelled variants, not the paper (one block of TrainConfig; METHOD.md §10): --ref-kl β (+ β·KL(π_θ ‖ π_θ₀) under the
+plain prompt), --lam-warmdown K (λ linearly to 0 at iteration K), --sdl-mask covered (L_SDL only on the turns whose
+state the skill speaks about; every skill-teacher run logs ℓ on covered and uncovered turns).
 
 Deviations and choices (numbered; README refers to them):
-  1. Skills are summarised by a deterministic rule-based summariser when the model is the built-in tiny one (it
-     cannot write JSON), by the policy itself otherwise (the paper used an external model, Seed1.8); --summarizer.
+  1. Skills are summarised by a deterministic rule-based summariser when the model is a built-in tiny one (it cannot
+     write JSON), by the policy itself otherwise (the paper used an external model, Seed1.8); --summarizer.
   2. Summarisation is synchronous by default so that runs are reproducible and --resume is exact; a separate
      summariser model or HTTP endpoint can run in a worker thread (--async-summarizer).
   3. On CUDA the weights stay fp32 and forward passes run under bf16 autocast: AdamW steps of ~1e-6 vanish in bf16.
   4. The built-in models get a "tiny profile" of defaults (TINY_PROFILES: easy levels, short episodes, larger lr,
-     λ = 0.1) unless a flag is given explicitly; the paper's values apply to every other model.
+     λ = 0.1) unless a flag is given explicitly; the paper's values apply to every other model (`--help` shows both).
 
 Run:
   python train.py --env sokoban                          # Skill-SD on the built-in tiny base (tiny_base.py), CPU
@@ -48,8 +48,6 @@ Run:
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -57,18 +55,23 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import env_sokoban
+import eval as eval_lib
 import loss as loss_lib
 import model as model_lib
+import report
+import rule_skills
 import skills as skills_lib
-from eval import Env, evaluate, make_env, opt, read_jsonl, task_key
+import tiny_base
+from common import Env, append_jsonl, flag, make_env, parse_flags, read_jsonl, task_key
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -77,80 +80,80 @@ from eval import Env, evaluate, make_env, opt, read_jsonl, task_key
 @dataclass
 class TrainConfig:
     # what to run
-    env: str = opt("sokoban", "sokoban | appworld")
-    method: str = opt("skill-sd", "skill-sd | grpo | opd | skill-grpo (method.md §7)")
-    model: str = opt("", "HF id or local path; default: 'tiny-sokoban' (the built-in pretrained tiny base, "
-                         "tiny_base.py) for sokoban, Qwen/Qwen3-4B-Instruct-2507 (paper) for appworld; 'tiny' = random")
-    run_dir: str = opt("", "output folder; default runs/<method>-<env>-s<seed>")
-    seed: int = opt(0, "seed of task order, sampling and summaries")
-    iterations: int = opt(180, "training iterations; paper Sokoban ≈180, AppWorld ≈300 (curves, method.md §8)")
+    env: str = flag("sokoban", "sokoban | appworld")
+    method: str = flag("skill-sd", "skill-sd | grpo | opd | skill-grpo (METHOD.md §8)")
+    model: str = flag("", "HF id or local path; default: 'tiny-sokoban' (the built-in pretrained tiny base, "
+                          "tiny_base.py) for sokoban, Qwen/Qwen3-4B-Instruct-2507 (paper) for appworld; 'tiny' = random")
+    run_dir: str = flag("", "output folder; default runs/<method>-<env>-s<seed>")
+    seed: int = flag(0, "seed of task order, sampling and summaries")
+    iterations: int = flag(180, "training iterations; paper Sokoban ≈180, AppWorld ≈300 (curves, METHOD.md §9)")
     # tasks and rollouts
-    preset: str = opt("paper", "Sokoban level set: paper (6x6, 2 boxes) | easy (6x6, 1 box) | hard (the easy rooms "
-                               "that need 5+ moves)")
-    tasks_per_iter: int = opt(8, "tasks per iteration; 8 x 8 = the paper preset of the GPU issue (SDAR uses 16)")
-    group_size: int = opt(8, "G rollouts per task; verl-agent, SDPO, TRL use 8")
-    max_turns: int = opt(40, "turns per episode; paper: 40")
-    temperature: float = opt(1.0, "sampling temperature in training; TRL/SDPO default 1.0")
-    max_new_tokens: int = opt(256, "tokens per reply; method.md §10 (Sokoban 256, AppWorld 512)")
-    format_penalty: float = opt(0.0, "reward penalty per invalid turn; ours 0, RAGEN/verl-agent 0.1")
-    reward: str = opt("completion", "completion | success | gym; paper trains on the completion rate")
-    curriculum: bool = opt(True, "Sokoban: 3 difficulty buckets unlocked in order (ours, method.md §10)")
+    preset: str = flag("paper", "Sokoban level set: paper (6x6, 2 boxes) | easy (6x6, 1 box) | hard (the easy rooms "
+                                "that need 5+ moves)")
+    tasks_per_iter: int = flag(8, "tasks per iteration (SDAR uses 16)")
+    group_size: int = flag(8, "G rollouts per task; verl-agent, SDPO, TRL use 8")
+    max_turns: int = flag(40, "turns per episode; paper: 40")
+    temperature: float = flag(1.0, "sampling temperature in training; TRL/SDPO default 1.0")
+    max_new_tokens: int = flag(256, "tokens per reply; METHOD.md §9 (Sokoban 256, AppWorld 512)")
+    format_penalty: float = flag(0.0, "reward penalty per invalid turn; ours 0, RAGEN/verl-agent 0.1")
+    reward: str = flag("completion", "completion | success | gym; paper trains on the completion rate")
+    curriculum: bool = flag(True, "Sokoban: 3 difficulty buckets unlocked in order (ours, METHOD.md §9)")
     # optimisation
-    lr: float = opt(1e-6, "AdamW learning rate; verl-agent / TRL GRPO scripts")
-    weight_decay: float = opt(0.0, "AdamW weight decay; verl")
-    grad_clip: float = opt(1.0, "global grad-norm clip; tiny-grpo, verl")
-    mini_batches: int = opt(2, "optimizer steps per iteration (so ρ ≠ 1 on the second); PPO practice")
-    epochs: int = opt(1, "passes over the rollouts per iteration; PPO practice")
-    micro_batch_size: int = opt(0, "rows per forward (gradient accumulation; memory only, not the math); 0 = auto: "
-                                   "1 on CPU (no padding lets SDPA use its O(T)-memory causal kernel), 8 on GPU")
-    clip_low: float = opt(0.2, "PPO ε_low; DAPO clip-higher")
-    clip_high: float = opt(0.28, "PPO ε_high; DAPO clip-higher")
-    lam: float = opt(1e-3, "λ, weight of L_SDL; paper Eq. 14")
-    lam_warmdown: int = opt(0, "labelled variant: λ falls linearly to 0 at this iteration and stays 0 (0 = constant "
-                               "λ, the paper; SDAR has an optional warm-down, off in its scripts)")
-    ref_kl: float = opt(0.0, "β of a labelled variant's KL(π_θ ‖ π_θ₀) under the plain prompt, the same ρ·k3 "
-                             "estimator as L_SDL; 0 = off (paper: no KL-to-reference term, method.md §5)")
-    sdl_mask: str = opt("all", "all (paper: L_SDL on every token that has a teacher) | covered (labelled variant: only "
-                               "on turns whose state the skill speaks about; Sokoban, skill teachers)")
+    lr: float = flag(1e-6, "AdamW learning rate; verl-agent / TRL GRPO scripts")
+    weight_decay: float = flag(0.0, "AdamW weight decay; verl")
+    grad_clip: float = flag(1.0, "global grad-norm clip; tiny-grpo, verl")
+    mini_batches: int = flag(2, "optimizer steps per iteration (so ρ ≠ 1 on the second); PPO practice")
+    epochs: int = flag(1, "passes over the rollouts per iteration; PPO practice")
+    micro_batch_size: int = flag(0, "rows per forward (gradient accumulation; memory only, not the math); 0 = auto: "
+                                    "1 on CPU (no padding lets SDPA use its O(T)-memory causal kernel), 8 on GPU")
+    clip_low: float = flag(0.2, "PPO ε_low; DAPO clip-higher")
+    clip_high: float = flag(0.28, "PPO ε_high; DAPO clip-higher")
+    lam: float = flag(1e-3, "λ, weight of L_SDL; paper Eq. 14")
     # teacher and ablations
-    teacher_weights: str = opt("dynamic", "dynamic (θ̄ = θ_old every iteration, paper) | frozen (θ₀)")
-    rollout_by: str = opt("student", "student (paper) | teacher (off-policy ablation)")
-    teacher_context: str = opt("", "skill | ground-truth; default from --method")
+    teacher_weights: str = flag("dynamic", "dynamic (θ̄ = θ_old every iteration, paper) | frozen (θ₀)")
+    rollout_by: str = flag("student", "student (paper) | teacher (off-policy ablation)")
+    teacher_context: str = flag("", "skill | ground-truth | none; default from --method")
+    # labelled variants: not the paper's method (METHOD.md §10)
+    lam_warmdown: int = flag(0, "λ falls linearly to 0 at this iteration and stays 0 (0 = constant λ, the paper; "
+                                "SDAR has an optional warm-down, off in its scripts)")
+    ref_kl: float = flag(0.0, "β of KL(π_θ ‖ π_θ₀) under the plain prompt, the same ρ·k3 estimator as L_SDL; 0 = off "
+                              "(paper: no KL-to-reference term)")
+    sdl_mask: str = flag("all", "all (paper: L_SDL on every token that has a teacher) | covered (only on turns whose "
+                                "state the skill speaks about; Sokoban, skill teachers)")
     # skills
-    summarizer: str = opt("auto", "auto | rule | policy | model | http (choice 1)")
-    summarizer_model: str = opt("", "HF id/path of a separate summariser model (--summarizer model)")
-    summarizer_url: str = opt("", "OpenAI-compatible base URL (--summarizer http)")
-    summarizer_name: str = opt("", "model name sent to the HTTP endpoint")
-    async_summarizer: bool = opt(False, "summarise in a worker thread (choice 2)")
-    skills_per_group: int = opt(0, "trajectories summarised per group; 0 = all G (paper)")
-    bank_capacity: int = opt(16, "skills kept per task, FIFO; ours (method.md §4.2)")
-    ucb_c: float = opt(math.sqrt(2), "UCB exploration constant; UCB1")
+    summarizer: str = flag("auto", "auto | rule | policy | model | http (choice 1)")
+    summarizer_model: str = flag("", "HF id/path of a separate summariser model (--summarizer model)")
+    summarizer_url: str = flag("", "OpenAI-compatible base URL (--summarizer http)")
+    summarizer_name: str = flag("", "model name sent to the HTTP endpoint")
+    async_summarizer: bool = flag(False, "summarise in a worker thread (choice 2)")
+    skills_per_group: int = flag(0, "trajectories summarised per group; 0 = all G (paper)")
+    bank_capacity: int = flag(16, "skills kept per task, FIFO; ours (METHOD.md §4)")
+    ucb_c: float = flag(math.sqrt(2), "UCB exploration constant; UCB1")
     # evaluation, logging, checkpoints
-    eval_every: int = opt(20, "held-out evaluation every k iterations (0 = only at the start and end)")
-    train_tasks: int = opt(0, "train on the first k training tasks only; 0 = all (paper: 96 Sokoban, 90 AppWorld)")
-    eval_samples: int = opt(1, "episodes per test task; paper 1 (greedy)")
-    eval_temperature: float = opt(0.0, "0 = greedy (paper); > 0 samples (use with --eval-samples for s.e.)")
-    eval_tasks: int = opt(0, "evaluate on the first k test tasks; 0 = all (paper: 64 Sokoban, 57 AppWorld)")
-    save_every: int = opt(20, "checkpoint every k iterations (and at the end)")
-    resume: str = opt("", "run directory to continue from its last checkpoint")
+    eval_every: int = flag(20, "held-out evaluation every k iterations (0 = only at the start and end)")
+    train_tasks: int = flag(0, "train on the first k training tasks only; 0 = all (paper: 96 Sokoban, 90 AppWorld)")
+    eval_samples: int = flag(1, "episodes per test task; paper 1 (greedy)")
+    eval_temperature: float = flag(0.0, "0 = greedy (paper); > 0 samples (use with --eval-samples for s.e.)")
+    eval_tasks: int = flag(0, "evaluate on the first k test tasks; 0 = all (paper: 64 Sokoban, 57 AppWorld)")
+    save_every: int = flag(20, "checkpoint every k iterations (and at the end)")
+    resume: str = flag("", "run directory to continue from its last checkpoint")
     # devices
-    device: str = opt("", "cpu | cuda | mps; default: best available")
-    threads: int = opt(0, "torch CPU threads; 0 = torch's default (the tiny profile uses 1: tiny matmuls on a "
-                          "shared 2-core machine run faster on one thread)")
-    grad_checkpointing: bool = opt(False, "trade compute for activation memory (real models on a GPU)")
-    appworld_root: str = opt("", "AppWorld: $APPWORLD_ROOT holding data/")
-    appworld_slots: int = opt(0, "AppWorld: environment servers; 0 = tasks x G, one per live episode (no replays)")
-    collapse_stop: bool = opt(False, "stop the run when a collapse is detected (it is always reported)")
+    device: str = flag("", "cpu | cuda | mps; default: best available")
+    threads: int = flag(0, "torch CPU threads during the run (restored after); 0 = leave torch's setting (the tiny "
+                           "profile uses 1: tiny matmuls on a shared 2-core machine run faster on one thread)")
+    grad_checkpointing: bool = flag(False, "trade compute for activation memory (real models on a GPU)")
+    appworld_root: str = flag("", "AppWorld: $APPWORLD_ROOT holding data/")
+    appworld_slots: int = flag(0, "AppWorld: environment servers; 0 = tasks x G, one per live episode (no replays)")
+    collapse_stop: bool = flag(False, "stop the run when a collapse is detected (it is always reported)")
 
 
 # choice 4: defaults for the built-in models where the user gives no flag. "tiny-sokoban" is the pretrained tiny base
 # (tiny_base.py: 6x6 one-box levels, episodes of 12 turns, one-token replies); λ = 0.1 because at this scale λ = 0.001
-# moves nothing: on-policy ∇(λ·SDL) = λ·ℓ·∇log π with |ℓ| ≈ 0.1–0.5, against GRPO advantages of order 1
-# (notes/organism-probe.md). Held-out evaluation samples 8 episodes per level at T = 1 instead of the paper's one greedy
-# episode: the weak student's greedy play walks into the same wall again and again, so greedy Acc hides much of what RL
-# changes, and 8 samples give each run a stated standard error (≈ 4-5 points over 64 levels). lr 5e-4: at 1e-3
-# single-seed pilots on an earlier tiny base drifted into invalid replies (20% of turns in one Skill-SD run; README).
-# "tiny" is the random-init model, for smoke runs only.
+# moves nothing: on-policy ∇(λ·SDL) = λ·ℓ·∇log π with |ℓ| ≈ 0.1–0.5, against GRPO advantages of order 1 (METHOD.md
+# §10). Held-out evaluation samples 8 episodes per level at T = 1 instead of the paper's one greedy episode: the weak
+# student's greedy play walks into the same wall again and again, so greedy Acc hides much of what RL changes, and 8
+# samples give each run a stated standard error (≈ 4-5 points over 64 levels). lr 5e-4: at 1e-3 runs drifted into
+# invalid replies (RESULTS.md). "tiny" is the random-init model, for smoke runs only.
 TINY_PROFILES = {
     "tiny-sokoban": dict(preset="easy", max_turns=12, max_new_tokens=4, iterations=40, lr=5e-4, lam=0.1,
                          tasks_per_iter=16, curriculum=False, eval_every=10, save_every=20, threads=1,
@@ -170,16 +173,9 @@ def tiny_profile(model: str) -> dict:
 
 
 def parse_args(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        name = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(name, type=kind, default=None, help=f.metadata["help"] + f" (default {f.default})")
-    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    """Flags -> a validated TrainConfig: the tiny profile under the given flags, or a resumed run's saved config."""
+    notes = {k: f"tiny profile: {v!r}" for k, v in TINY_PROFILES["tiny-sokoban"].items()}
+    given = parse_flags(TrainConfig, argv, description=__doc__.split("\n")[0], notes=notes)
     if given.get("resume"):  # a resumed run takes its saved config; flags given now override it
         path = os.path.join(given["resume"], "config.json")
         if not os.path.exists(path):
@@ -193,25 +189,25 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
+    """Refuse bad values and combinations with one line each; fill the defaults that depend on other flags
+    (teacher context, micro-batch size, summariser, run folder)."""
     choices = {"env": ("sokoban", "appworld"), "method": tuple(METHOD_CONTEXT), "reward": ("completion", "success",
                "gym"), "teacher_weights": ("dynamic", "frozen"), "rollout_by": ("student", "teacher"),
-               "teacher_context": ("", "skill", "ground-truth"),
+               "teacher_context": ("", "skill", "ground-truth", "none"), "sdl_mask": ("all", "covered"),
                "summarizer": ("auto", "rule", "policy", "model", "http"), "preset": tuple(env_sokoban.PRESETS)}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"--{key.replace('_', '-')} {getattr(cfg, key)!r}: choose one of {allowed}")
     if not cfg.teacher_context:
         cfg.teacher_context = METHOD_CONTEXT[cfg.method]
-    if cfg.rollout_by == "teacher" and cfg.teacher_context == "none":
-        raise SystemExit("--rollout-by teacher needs a teacher: use --method skill-sd or opd")
+    if cfg.rollout_by == "teacher" and (cfg.teacher_context == "none" or cfg.method == "skill-grpo"):
+        raise SystemExit("--rollout-by teacher needs a teacher that samples: use --method skill-sd or opd")
     if cfg.ref_kl < 0:
         raise SystemExit(f"--ref-kl {cfg.ref_kl}: β must be ≥ 0 (0 = off)")
     if cfg.ref_kl > 0 and cfg.rollout_by == "teacher":
         raise SystemExit("--ref-kl is defined for on-policy runs only (the student samples); drop --rollout-by teacher")
     if cfg.lam_warmdown < 0:
         raise SystemExit(f"--lam-warmdown {cfg.lam_warmdown}: give the iteration at which λ reaches 0 (0 = off)")
-    if cfg.sdl_mask not in ("all", "covered"):
-        raise SystemExit(f"--sdl-mask {cfg.sdl_mask!r}: choose one of ('all', 'covered')")
     if cfg.sdl_mask == "covered" and (cfg.env != "sokoban" or cfg.teacher_context != "skill"):
         raise SystemExit("--sdl-mask covered needs --env sokoban and a skill teacher (--method skill-sd): coverage is "
                          "read from the player's cell, which the Sokoban skills key their advice by")
@@ -228,16 +224,43 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Setup helpers
+# The arm: what a method or ablation changes, resolved once
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA with fp32 master weights (choice 3); plain fp32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+@dataclass(frozen=True)
+class Arm:
+    context: str               # the block retrieved per task: "none" | "skill" (the bank, UCB) | "ground-truth"
+    teacher: bool              # a teacher scores the tokens with the block in its prompt (L_SDL on)
+    frozen_teacher: bool       # the teacher's weights are θ₀ (a second copy), not this iteration's θ_old
+    sampler: str               # "student" | "teacher" (off-policy ablation: the teacher's weights and prompt sample)
+    sample_with_context: bool  # the sampling prompt carries the block (skill-grpo, teacher-owned rollouts)
+    grpo: bool                 # L_GRPO on (off for OPD: distillation only)
 
+    def sdl_weight(self, lam: float) -> float:
+        """λ for a skill teacher next to GRPO (Eq. 14); 1 for distillation only (OPD); 0 without a teacher."""
+        return 0.0 if not self.teacher else lam if self.grpo else 1.0
+
+
+def resolve_arm(cfg: TrainConfig) -> Arm:
+    """After validate(), the only reader of --method, --teacher-context, --teacher-weights and --rollout-by."""
+    teacher = cfg.teacher_context != "none"
+    context = cfg.teacher_context if teacher else "skill" if cfg.method == "skill-grpo" else "none"
+    return Arm(context=context, teacher=teacher, frozen_teacher=teacher and cfg.teacher_weights == "frozen",
+               sampler=cfg.rollout_by, sample_with_context=cfg.method == "skill-grpo" or cfg.rollout_by == "teacher",
+               grpo=cfg.method != "opd")
+
+
+def lam_at(cfg: TrainConfig, iteration: int) -> float:
+    """λ at a 0-based iteration: the paper's constant, or with --lam-warmdown K (a labelled variant) λ·(1 − it/K),
+    0 from iteration K on: the teacher's edge is largest before the student has learned the training tasks."""
+    return cfg.lam if cfg.lam_warmdown <= 0 else cfg.lam * max(0.0, 1.0 - iteration / cfg.lam_warmdown)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run state: everything one training run holds, built by setup() or restored from a checkpoint
 
 class Curriculum:
     """Sokoban levels sorted by optimal length into buckets; the next bucket unlocks when the training success rate
-    reaches `threshold` or after `patience` iterations (method.md §10, our choice)."""
+    reaches `threshold` or after `patience` iterations (METHOD.md §9, our choice)."""
 
     def __init__(self, tasks: list, buckets: int = 3, threshold: float = 0.6, patience: int = 60, enabled=True):
         self.tasks, self.threshold, self.patience = tasks, threshold, patience
@@ -261,7 +284,7 @@ class Curriculum:
 
 class CollapseMonitor:
     """Flags a reward cliff (reward EMA below half its best after being ≥ 0.1) or a format-rate cliff (format errors
-    above 50% after having been below 20%); RAGEN's and SDPO's collapses looked like this (method.md §11)."""
+    above 50% after having been below 20%); RAGEN's and SDPO's collapses looked like this (METHOD.md §6)."""
 
     def __init__(self, decay: float = 0.8):
         self.decay, self.ema, self.best, self.best_format = decay, None, 0.0, 1.0
@@ -275,16 +298,43 @@ class CollapseMonitor:
             return f"format collapse: {format_rate:.0%} invalid turns (best {self.best_format:.0%})"
         return ""
 
+    def state(self) -> dict:
+        return {"decay": self.decay, "ema": self.ema, "best": self.best, "best_format": self.best_format}
 
-def make_summarizer(cfg: TrainConfig, model, tokenizer):
+    def load(self, s: dict) -> None:
+        self.decay, self.ema, self.best, self.best_format = s["decay"], s["ema"], s["best"], s["best_format"]
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    arm: Arm
+    device: torch.device
+    model: torch.nn.Module            # the student; also the dynamic teacher (θ_old) until its first update
+    tokenizer: object
+    base_model: torch.nn.Module | None   # θ₀: the frozen teacher, and the --ref-kl reference
+    optimizer: torch.optim.Optimizer
+    env: Env
+    bank: skills_lib.SkillBank
+    summarizer: skills_lib.AsyncSummarizer
+    curriculum: Curriculum
+    monitor: CollapseMonitor
+    rng: np.random.Generator          # task order, mini-batch order, which trajectories are summarised
+    gen: torch.Generator              # rollout sampling
+    sampling: model_lib.SamplingConfig
+    start_it: int = 0
+
+
+def make_summarizer(cfg: TrainConfig, model, tokenizer) -> skills_lib.AsyncSummarizer:
     if cfg.summarizer == "rule":
-        inner = skills_lib.make_summarizer("rule", cfg.env)
-    elif cfg.summarizer == "policy":
-        inner = skills_lib.LLMSummarizer(model, tokenizer)
-    elif cfg.summarizer == "model":
-        if not cfg.summarizer_model:
-            raise SystemExit("--summarizer model needs --summarizer-model <HF id or path>")
-        inner = skills_lib.LLMSummarizer(*model_lib.load(cfg.summarizer_model))
+        inner = rule_skills.rule_summarizer(cfg.env)
+    elif cfg.summarizer in ("policy", "model"):
+        if cfg.summarizer == "model":
+            if not cfg.summarizer_model:
+                raise SystemExit("--summarizer model needs --summarizer-model <HF id or path>")
+            model, tokenizer = model_lib.load(tiny_base.resolve(cfg.summarizer_model))
+        greedy = model_lib.SamplingConfig(temperature=0.0, max_new_tokens=512)
+        inner = skills_lib.LLMSummarizer(lambda chats: model_lib.complete(model, tokenizer, chats, greedy))
     else:
         if not cfg.summarizer_url:
             raise SystemExit("--summarizer http needs --summarizer-url (an OpenAI-compatible base URL)")
@@ -294,46 +344,179 @@ def make_summarizer(cfg: TrainConfig, model, tokenizer):
     return skills_lib.AsyncSummarizer(inner, synchronous=synchronous)
 
 
+def setup(cfg: TrainConfig, arm: Arm) -> Run:
+    """Model, θ₀ copy when needed, optimizer, environment, bank, summariser and RNGs; restored from the last
+    checkpoint with --resume (log lines written after it are dropped)."""
+    torch.manual_seed(cfg.seed)
+    device = model_lib.pick_device(cfg.device)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    ckpt = checkpoint_dir(cfg.run_dir) if cfg.resume else None
+    base_path = tiny_base.resolve(cfg.model)
+    model, tokenizer = model_lib.load(os.path.join(ckpt, "model") if ckpt else base_path, device=device,
+                                      dtype=torch.float32)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    # θ₀, reloaded from the base model (not from the checkpoint): the frozen teacher and the --ref-kl reference
+    base_model = model_lib.load(base_path, device=device, dtype=torch.float32)[0].eval() \
+        if arm.frozen_teacher or cfg.ref_kl > 0 else None
+    env = make_env(cfg.env, cfg.preset, cfg.max_turns, cfg.format_penalty, cfg.reward,
+                   appworld_root=cfg.appworld_root or None,
+                   appworld_slots=cfg.appworld_slots or cfg.tasks_per_iter * cfg.group_size)
+    train_pool = env.train_tasks[: cfg.train_tasks] if cfg.train_tasks else env.train_tasks
+    run = Run(cfg, arm, device, model, tokenizer, base_model,
+              torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay),
+              env, skills_lib.SkillBank(capacity=cfg.bank_capacity, c=cfg.ucb_c),
+              make_summarizer(cfg, model, tokenizer),
+              Curriculum(train_pool, enabled=cfg.curriculum and cfg.env == "sokoban"), CollapseMonitor(),
+              np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed),
+              model_lib.SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens))
+    if ckpt:
+        load_checkpoint(run, ckpt)
+    with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    return run
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA with fp32 master weights (choice 3); plain fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@contextmanager
+def cpu_threads(n: int):
+    """torch's CPU thread count set to n for the block (n = 0: unchanged), restored after it."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Phases of one iteration
 
-def pick_tasks(curriculum: Curriculum, n: int, rng: np.random.Generator) -> list:
-    """Phase 2: n distinct tasks from the unlocked pool (with replacement only if the pool is smaller)."""
-    pool = curriculum.pool()
-    idx = rng.choice(len(pool), size=n, replace=len(pool) < n)
-    return [pool[i] for i in idx]
+class TeacherContext(NamedTuple):
+    """One task's block in the teacher's prompt."""
+    skill_id: int | None              # the bank's id of the skill (credited after the update); None: ground truth
+    text: str
+    header: str
 
 
-def retrieve_skills(cfg, bank, env_tasks: list) -> dict:
-    """Phase 5: one skill (or ground-truth block) per task: task_id -> (skill_id, text, header) or None."""
+@dataclass
+class Batch:
+    """One iteration's episodes, filled phase by phase: one row per episode (B = tasks x G). Per-token tensors are
+    (B, T) in the ledger frame (column j = ledger token j), whatever prompt each was scored under."""
+    tasks: list                       # per row: its task (each task G times in a row)
+    episodes: list
+    plain: list                       # per row: the plain prompt (chat messages), taken before any play
+    contexts: list = None             # per row: TeacherContext | None (phase 3)
+    ledgers: list = None              # phase 4
+    student_prompts: list = None      # per row: the token ids the student is scored under
+    rewards: torch.Tensor = None      # (B,) phase 5
+    adv: torch.Tensor = None          # (B,)
+    zero_var: int = 0                 # groups whose rewards are all equal
+    has_teacher: torch.Tensor = None  # (B,) 1 where a teacher scores the row
+    mask: torch.Tensor = None         # (B, T) trainable (policy-sampled) tokens
+    sdl_mask: torch.Tensor = None     # (B, T) trainable tokens that have a teacher (and, --sdl-mask covered, a cover)
+    logp_old: torch.Tensor = None     # (B, T) log π_θold under the student's prompt
+    logp_teacher: torch.Tensor = None  # (B, T) log π_teacher under the prompt with the block
+    logp_behaviour: torch.Tensor = None  # (B, T) the sampler's log-probs: logp_old, or logp_teacher off-policy
+    logp_ref: torch.Tensor | None = None  # (B, T) θ₀ under the plain prompt (--ref-kl)
+    coverage: dict = dataclasses.field(default_factory=dict)
+
+
+def pick_tasks(run: Run) -> Batch:
+    """Phase 2: n distinct tasks from the unlocked pool (with replacement only if the pool is smaller), G new
+    episodes each."""
+    pool, G = run.curriculum.pool(), run.cfg.group_size
+    idx = run.rng.choice(len(pool), size=run.cfg.tasks_per_iter, replace=len(pool) < run.cfg.tasks_per_iter)
+    tasks = [pool[i] for i in idx for _ in range(G)]                                      # B = tasks x G
+    episodes = [run.env.new_episode(t) for t in tasks]
+    return Batch(tasks, episodes, [ep.initial_messages() for ep in episodes])
+
+
+def retrieve_contexts(run: Run, batch: Batch) -> dict:
+    """Phase 3: one block per task, shared by its G rows: task id -> TeacherContext, or None (a cold bank, no ground
+    truth); skills summarised in earlier iterations enter the bank first."""
+    for new in run.summarizer.collect():
+        run.bank.add(*new)
     chosen = {}
-    for task, ep in env_tasks:
-        tid = task_key(task)
-        if cfg.teacher_context == "ground-truth":
-            gt = ep.privileged_context()
-            block = skills_lib.privileged_block(gt)
-            chosen[tid] = (None, block, skills_lib.PRIVILEGED_HEADER) if block else None
-        elif cfg.teacher_context == "skill" or cfg.method == "skill-grpo":
-            hit = bank.retrieve(tid)
-            chosen[tid] = (hit[0], hit[1].to_prompt(), skills_lib.SKILL_HEADER) if hit else None
+    for ep in batch.episodes[:: run.cfg.group_size]:
+        tid = ep.task_id
+        if run.arm.context == "ground-truth":
+            block = skills_lib.privileged_block(ep.privileged_context())
+            chosen[tid] = TeacherContext(None, block, skills_lib.PRIVILEGED_HEADER) if block else None
+        elif run.arm.context == "skill":
+            hit = run.bank.retrieve(tid)
+            chosen[tid] = TeacherContext(hit[0], hit[1].to_prompt(), skills_lib.SKILL_HEADER) if hit else None
         else:
             chosen[tid] = None
+    batch.contexts = [chosen[ep.task_id] for ep in batch.episodes]
     return chosen
 
 
-def ledger_tensors(ledgers, device) -> tuple[torch.Tensor, int]:
-    """The trainable mask in the ledger frame (B, T); built from the ledger's flags, never from token ids."""
-    T = max(len(l.ids) for l in ledgers)
-    mask = torch.zeros(len(ledgers), T, device=device)                    # (B, T)
-    for b, l in enumerate(ledgers):
-        mask[b, : len(l.trainable)] = torch.tensor(l.trainable, dtype=torch.float32, device=device)
-    return mask, T
+def roll_out(run: Run, batch: Batch) -> None:
+    """Phases 4-5: G episodes per task by the arm's sampler, then rewards and group advantages."""
+    prompts = [skills_lib.with_skill(m, c.text, header=c.header) if c and run.arm.sample_with_context else m
+               for m, c in zip(batch.plain, batch.contexts)]
+    sampler = run.base_model if run.arm.sampler == "teacher" and run.arm.frozen_teacher else run.model
+    sampler.eval()
+    with torch.no_grad(), autocast(run.device):
+        batch.ledgers = model_lib.rollout(sampler, run.tokenizer, batch.episodes, run.sampling, generator=run.gen,
+                                          prompts=prompts, step_fn=run.env.step_fn, max_context=run.env.max_context)
+    # the student is scored under the prompt it sampled under (in the ledger), or the plain one off-policy
+    batch.student_prompts = [l.ids[: l.prompt_len] for l in batch.ledgers] if run.arm.sampler == "student" else \
+        [model_lib.encode_prompt(run.tokenizer, m) for m in batch.plain]
+    batch.rewards = torch.tensor([ep.result()["reward"] for ep in batch.episodes], dtype=torch.float32)  # (B,)
+    adv, batch.zero_var = loss_lib.group_advantages(batch.rewards, run.cfg.group_size)           # (B,), int
+    batch.adv = adv.to(run.device)
 
 
-def lam_at(cfg: TrainConfig, iteration: int) -> float:
-    """λ at a 0-based iteration: the paper's constant, or with --lam-warmdown K (a labelled variant) λ·(1 − it/K),
-    0 from iteration K on: the teacher's edge is largest before the student has learned the training tasks."""
-    return cfg.lam if cfg.lam_warmdown <= 0 else cfg.lam * max(0.0, 1.0 - iteration / cfg.lam_warmdown)
+def score_teacher(run: Run, batch: Batch) -> None:
+    """Phase 6: log π_old of the student by a full forward, and the teacher's log-probs of the identical tokens under
+    the prompt with the block (θ_old, or θ₀ frozen); rows without a block keep logp_old and are masked out of L_SDL."""
+    cfg, arm, model, ledgers = run.cfg, run.arm, run.model, batch.ledgers
+    teacher = run.base_model if arm.frozen_teacher else model          # phase 1: θ̄ = θ_old is `model` itself
+    batch.has_teacher = torch.tensor([c is not None and arm.teacher for c in batch.contexts], dtype=torch.float32,
+                                     device=run.device)                                       # (B,)
+    batch.mask = model_lib.trainable_mask(ledgers, run.device)                                             # (B, T)
+    batch.sdl_mask = batch.mask * batch.has_teacher[:, None]                                  # (B, T)
+    teacher_prompts = [model_lib.encode_prompt(run.tokenizer, skills_lib.with_skill(m, c.text, header=c.header)
+                                               if c else m) for m, c in zip(batch.plain, batch.contexts)]
+    model.eval()
+    with torch.no_grad(), autocast(run.device):
+        batch.logp_old = model_lib.score_under_prompt(model, ledgers, batch.student_prompts, trainable_only=True,
+                                                      micro_batch_size=cfg.micro_batch_size).float()  # (B, T)
+        if arm.teacher and (batch.has_teacher.any() or arm.sampler == "teacher"):
+            batch.logp_teacher = model_lib.score_under_prompt(teacher, ledgers, teacher_prompts, trainable_only=True,
+                                                              micro_batch_size=cfg.micro_batch_size).float()
+        else:
+            batch.logp_teacher = batch.logp_old.clone()                                       # (B, T)
+        if cfg.ref_kl > 0:   # labelled variant: θ₀ under the student's own (plain) prompt, the KL's reference
+            batch.logp_ref = model_lib.score_under_prompt(run.base_model, ledgers, batch.student_prompts,
+                                                          trainable_only=True,
+                                                          micro_batch_size=cfg.micro_batch_size).float()
+    # off-policy the teacher sampled: its log-probs are the denominator of the PPO ratio and of ρ (loss.py, choice 7)
+    batch.logp_behaviour = batch.logp_teacher if arm.sampler == "teacher" else batch.logp_old
+    if run.env.skill_covers and arm.context == "skill" and arm.teacher and batch.has_teacher.any():
+        coverage_stats(run, batch)
+
+
+def coverage_stats(run: Run, batch: Batch) -> None:
+    """Where the skill speaks (Sokoban: the player's cell is in it) vs elsewhere: ℓ at θ_old on each part, logged for
+    every skill teacher; the labelled variant --sdl-mask covered keeps L_SDL on the covered part only."""
+    covered = covered_tokens(batch.ledgers, run.tokenizer, [c.text if c else "" for c in batch.contexts],
+                             run.env.skill_covers, run.device)                                 # (B, T)
+    taught = batch.sdl_mask                                                                    # (B, T)
+    ell = batch.logp_old - batch.logp_teacher                                                  # (B, T)
+    for name, part in (("covered", taught * covered), ("uncovered", taught * (1 - covered))):
+        n = float(part.sum())
+        batch.coverage[f"ell_mean_{name}"] = float((ell * part).sum()) / n if n else float("nan")
+    batch.coverage["covered_frac"] = float((taught * covered).sum()) / max(1.0, float(taught.sum()))
+    if run.cfg.sdl_mask == "covered":
+        batch.sdl_mask = batch.sdl_mask * covered
 
 
 def covered_tokens(ledgers, tokenizer, skill_texts, covers, device) -> torch.Tensor:
@@ -358,79 +541,43 @@ def covered_tokens(ledgers, tokenizer, skill_texts, covers, device) -> torch.Ten
     return out
 
 
-def ppo_update(cfg, model, optimizer, ledgers, student_prompts, adv, logp_old, logp_teacher, has_teacher, device,
-               rng: np.random.Generator, logp_ref=None, sdl_tokens=None, lam=None) -> dict:
-    """Phase 7: mini-batch steps on L_GRPO + λ·L_SDL (+ β·KL to θ₀ with --ref-kl) with gradient accumulation over
-    micro-batches. sdl_tokens (B, T), if given, further restricts L_SDL to those tokens (--sdl-mask covered); lam
-    overrides cfg.lam (--lam-warmdown).
-
-    All per-token tensors live in the ledger frame (column j = ledger token j), whatever prompt each was scored under.
-    """
-    mask, T = ledger_tensors(ledgers, device)                              # (B, T)
-    sdl_mask = mask * has_teacher[:, None]                                 # (B, T) tokens that have a teacher
-    if sdl_tokens is not None:
-        sdl_mask = sdl_mask * sdl_tokens                                   # (B, T) labelled variant: covered turns
-    B = len(ledgers)
+def ppo_update(run: Run, batch: Batch, lam: float) -> dict:
+    """Phase 7: mini-batch steps on w_grpo·L_GRPO + w_sdl·L_SDL (+ β·KL to θ₀ with --ref-kl), gradient accumulation
+    over micro-batches; both terms share the token-mean normaliser N of the mini-batch (loss.py, choice 1)."""
+    cfg, model, optimizer = run.cfg, run.model, run.optimizer
+    weights = (1.0 if run.arm.grpo else 0.0, run.arm.sdl_weight(lam))
     stats = {"loss_grpo": [], "loss_sdl": [], "grad_norm": [], "skipped_steps": 0}
-    if logp_ref is not None:
+    if batch.logp_ref is not None:
         stats["loss_ref_kl"] = []
     diag = []
     model.train()
     for _ in range(cfg.epochs):
-        order = rng.permutation(B)
-        for mb in np.array_split(order, cfg.mini_batches):
-            n_tokens = float(mask[mb].sum())                              # N: the token-mean normaliser (verl)
+        for mb in np.array_split(run.rng.permutation(len(batch.ledgers)), cfg.mini_batches):
+            n_tokens = float(batch.mask[mb].sum())                        # N: the token-mean normaliser (verl)
             if n_tokens == 0:
                 continue
             optimizer.zero_grad(set_to_none=True)
             sums, finite = {"grpo": 0.0, "sdl": 0.0, "ref_kl": 0.0}, True
             for start in range(0, len(mb), cfg.micro_batch_size):
                 rows = mb[start: start + cfg.micro_batch_size]
-                Tm = max(len(ledgers[i].ids) for i in rows)
-                with autocast(device):
-                    logp = model_lib.score_under_prompt(model, [ledgers[i] for i in rows],
-                                                        [student_prompts[i] for i in rows], grad=True,
-                                                        trainable_only=True)                   # (b, Tm)
-                logp = logp.float()
-                m, old, tea = mask[rows, :Tm], logp_old[rows, :Tm], logp_teacher[rows, :Tm]
-                a, sm = adv[rows], sdl_mask[rows, :Tm]
-                if cfg.rollout_by == "teacher":   # off-policy ablation: the teacher is the behaviour policy
-                    l_grpo, l_sdl = loss_lib.offpolicy_losses(logp, tea, a, m, sm, cfg.clip_low, cfg.clip_high,
-                                                              num_tokens=n_tokens)
-                else:
-                    l_grpo = loss_lib.grpo_loss(logp, old, a, m, cfg.clip_low, cfg.clip_high, num_tokens=n_tokens)
-                    l_sdl = loss_lib.sdl_loss(logp, old, tea, sm, num_tokens=n_tokens)
-                if cfg.method == "opd":
-                    total = l_sdl                                          # distillation only (method.md §7)
-                elif cfg.teacher_context == "none":
-                    total = l_grpo
-                else:
-                    total = l_grpo + (cfg.lam if lam is None else lam) * l_sdl   # Eq. 14
-                if logp_ref is not None:
-                    # labelled variant: the same ρ·k3 estimator toward θ₀ under the plain prompt estimates the
-                    # REVERSE KL(π_θ ‖ π_θ₀) (loss.kl_k3_loss, verl's form, would follow the forward KL's gradient);
-                    # it is exactly the frozen-teacher ablation's SDL with the skill taken out of the teacher's prompt
-                    l_ref = loss_lib.sdl_loss(logp, old, logp_ref[rows, :Tm], m, num_tokens=n_tokens)
-                    total = total + cfg.ref_kl * l_ref
-                    sums["ref_kl"] += l_ref.item()
+                terms, d = micro_batch_losses(run, batch, rows, n_tokens, weights)
+                total = sum(w * l for w, l in terms.values() if w)        # Eq. 14 (weights from the arm)
                 if not torch.isfinite(total):
                     finite = False
                     break
                 total.backward()
-                sums["grpo"] += l_grpo.item()
-                sums["sdl"] += l_sdl.item()
-                diag.append(loss_lib.diagnostics(logp.detach(), old, tea, m, cfg.clip_low, cfg.clip_high,
-                                                 sdl_mask=sm))
+                for name, (_, l) in terms.items():
+                    sums[name] += l.item()
+                diag.append(d)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             if not finite or not torch.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)                      # guard: skip the step, log it
                 stats["skipped_steps"] += 1
                 continue
             optimizer.step()
-            stats["loss_grpo"].append(sums["grpo"])
-            stats["loss_sdl"].append(sums["sdl"])
-            if logp_ref is not None:
-                stats["loss_ref_kl"].append(sums["ref_kl"])
+            for name in ("grpo", "sdl", "ref_kl"):
+                if f"loss_{name}" in stats:
+                    stats[f"loss_{name}"].append(sums[name])
             stats["grad_norm"].append(float(grad_norm))
     out = {k: (float(np.mean(v)) if v else float("nan")) if isinstance(v, list) else v for k, v in stats.items()}
     for key in (diag[0] if diag else {}):
@@ -439,28 +586,109 @@ def ppo_update(cfg, model, optimizer, ledgers, student_prompts, adv, logp_old, l
     return out
 
 
-def summary_requests(cfg, env_name, tasks_eps, rng) -> list:
+def micro_batch_losses(run: Run, batch: Batch, rows, n_tokens: float, weights: tuple) -> tuple[dict, dict]:
+    """The loss terms of some rows, with grad -> ({name: (weight, loss)}, diagnostics). logp is recomputed under the
+    student's prompt; ρ and the PPO ratio divide by the behaviour log-probs (θ_old, or the teacher off-policy)."""
+    Tm = max(len(batch.ledgers[i].ids) for i in rows)
+    with autocast(run.device):
+        logp = model_lib.score_under_prompt(run.model, [batch.ledgers[i] for i in rows],
+                                            [batch.student_prompts[i] for i in rows], grad=True,
+                                            trainable_only=True)                                 # (b, Tm)
+    logp = logp.float()
+    m, behaviour, tea = batch.mask[rows, :Tm], batch.logp_behaviour[rows, :Tm], batch.logp_teacher[rows, :Tm]
+    a, sm, cfg = batch.adv[rows], batch.sdl_mask[rows, :Tm], run.cfg
+    terms = {"grpo": (weights[0], loss_lib.grpo_loss(logp, behaviour, a, m, cfg.clip_low, cfg.clip_high,
+                                                     num_tokens=n_tokens)),
+             "sdl": (weights[1], loss_lib.sdl_loss(logp, behaviour, tea, sm, num_tokens=n_tokens))}
+    if batch.logp_ref is not None:
+        # labelled variant: the same ρ·k3 estimator toward θ₀ under the plain prompt estimates the REVERSE
+        # KL(π_θ ‖ π_θ₀); it is exactly the frozen-teacher ablation's SDL with the skill taken out of the prompt
+        terms["ref_kl"] = (cfg.ref_kl, loss_lib.sdl_loss(logp, batch.logp_old[rows, :Tm], batch.logp_ref[rows, :Tm],
+                                                         m, num_tokens=n_tokens))
+    d = loss_lib.diagnostics(logp.detach(), batch.logp_old[rows, :Tm], tea, m, cfg.clip_low, cfg.clip_high,
+                             sdl_mask=sm)
+    return terms, d
+
+
+def summary_requests(run: Run, batch: Batch) -> list:
     """Phase 8 input: completed trajectories (up to skills_per_group per group), success or failure alike."""
-    k = cfg.skills_per_group or cfg.group_size
+    G = run.cfg.group_size
+    k = run.cfg.skills_per_group or G
     reqs = []
-    for g in range(0, len(tasks_eps), cfg.group_size):
-        group = tasks_eps[g: g + cfg.group_size]
-        for i in sorted(rng.choice(len(group), size=min(k, len(group)), replace=False)):
-            task, ep = group[i]
-            reqs.append(skills_lib.SummaryRequest.from_episode(env_name, ep))
+    for g in range(0, len(batch.episodes), G):
+        group = batch.episodes[g: g + G]
+        for i in sorted(run.rng.choice(len(group), size=min(k, len(group)), replace=False)):
+            reqs.append(skills_lib.SummaryRequest.from_episode(run.cfg.env, group[i]))
     return reqs
+
+
+def summarise_and_credit(run: Run, batch: Batch, chosen: dict, it: int) -> None:
+    """Phase 8: queue the summaries (skills reach the bank from the next iteration), then credit each retrieved skill
+    with the mean reward of its task's rollouts (the UCB statistic R̄(e))."""
+    run.summarizer.submit(it, summary_requests(run, batch))
+    rewards = batch.rewards.tolist()
+    for tid, hit in chosen.items():
+        if hit and hit.skill_id is not None:
+            group = [r for t, r in zip(batch.tasks, rewards) if task_key(t) == tid]
+            run.bank.update(tid, hit.skill_id, float(np.mean(group)))
+
+
+def log_iteration(run: Run, batch: Batch, upd: dict, it: int, lam: float, times: dict) -> dict:
+    """Phase 9: curriculum and collapse monitor, the held-out evaluation when due, and the iteration's line of
+    log.jsonl (returned)."""
+    cfg, results = run.cfg, [ep.result() for ep in batch.episodes]
+    turns = sum(r["turns"] for r in results)
+    success, fmt_rate = float(np.mean([r["success"] for r in results])), sum(r["format_errors"] for r in results) / \
+        max(1, turns)
+    run.curriculum.update(success)
+    collapse = run.monitor.update(float(batch.rewards.mean()), fmt_rate)
+    if collapse:
+        tqdm.write(f"[collapse] iteration {it + 1}: {collapse}")
+    n_trainable = [sum(l.trainable) for l in batch.ledgers]
+    in_prompt = run.arm.sample_with_context and run.arm.sampler == "student"   # the student sees the block
+    row = {"iteration": it + 1, "reward": float(batch.rewards.mean()), "acc": success,
+           "comp": float(np.mean([r["completion"] for r in results])), **upd, **batch.coverage, "lam": lam,
+           "zero_var_groups": batch.zero_var, "groups": len(batch.tasks) // cfg.group_size,
+           "format_error_rate": fmt_rate,
+           "teacher_task_frac": float(batch.has_teacher.mean()),
+           "skill_in_prompt_frac": float(np.mean([c is not None for c in batch.contexts])) if in_prompt else 0.0,
+           "episode_turns": turns / len(results), "episode_tokens": float(np.mean([len(l.ids) for l in batch.ledgers])),
+           "reply_tokens_per_turn": sum(n_trainable) / max(1, turns),
+           "truncated": sum(l.truncated for l in batch.ledgers), "bank": run.bank.stats(),
+           "summarizer": run.summarizer.stats(), "curriculum_unlocked": run.curriculum.unlocked,
+           "collapse": collapse, **{f"time_{k}": v for k, v in times.items()}}
+    if cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iterations:
+        row["eval_acc"] = run_eval(run, it + 1)["acc"]
+    append_jsonl(os.path.join(cfg.run_dir, "log.jsonl"), row)
+    return row
+
+
+def run_eval(run: Run, iteration: int) -> dict:
+    """Held-out evaluation of the student under the plain prompt, appended to eval.jsonl."""
+    cfg, t0 = run.cfg, time.time()
+    tasks = run.env.test_tasks[: cfg.eval_tasks] if cfg.eval_tasks else run.env.test_tasks
+    m = eval_lib.evaluate(run.model, run.tokenizer, run.env, tasks, samples=cfg.eval_samples,
+                          temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    row = {"iteration": iteration, **{k: v for k, v in m.items() if k != "per_task_success"},
+           "seconds": time.time() - t0}
+    append_jsonl(os.path.join(cfg.run_dir, "eval.jsonl"), row)
+    return row
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints: HF weights + optimizer + skill bank + RNG states + iteration, written atomically
 
-def save_checkpoint(run_dir, model, tokenizer, optimizer, bank, state: dict) -> None:
-    final, tmp, old = (os.path.join(run_dir, n) for n in ("ckpt", "ckpt.tmp", "ckpt.old"))
+def save_checkpoint(run: Run, iteration: int) -> None:
+    for new in run.summarizer.collect(wait=True):     # pending skills belong in the checkpoint
+        run.bank.add(*new)
+    state = {"iteration": iteration, "rng": rng_state(run.rng, run.gen), "curriculum": run.curriculum.state(),
+             "monitor": run.monitor.state(), "config": dataclasses.asdict(run.cfg)}
+    final, tmp, old = (os.path.join(run.cfg.run_dir, n) for n in ("ckpt", "ckpt.tmp", "ckpt.old"))
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(os.path.join(tmp, "model"))        # loadable by plain AutoModelForCausalLM
-    tokenizer.save_pretrained(os.path.join(tmp, "model"))
-    bank.save(os.path.join(tmp, "skill_bank.json"))
-    torch.save({"optimizer": optimizer.state_dict(), **state}, os.path.join(tmp, "trainer_state.pt"))
+    run.model.save_pretrained(os.path.join(tmp, "model"))        # loadable by plain AutoModelForCausalLM
+    run.tokenizer.save_pretrained(os.path.join(tmp, "model"))
+    run.bank.save(os.path.join(tmp, "skill_bank.json"))
+    torch.save({"optimizer": run.optimizer.state_dict(), **state}, os.path.join(tmp, "trainer_state.pt"))
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(final):
         os.replace(final, old)            # the last good checkpoint survives a crash between these two renames
@@ -476,6 +704,21 @@ def checkpoint_dir(run_dir: str) -> str:
     raise SystemExit(f"--resume {run_dir}: no checkpoint found (expected {run_dir}/ckpt/trainer_state.pt)")
 
 
+def load_checkpoint(run: Run, ckpt: str) -> None:
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.bank = skills_lib.SkillBank.load(os.path.join(ckpt, "skill_bank.json"))
+    run.curriculum.load(state["curriculum"])
+    set_rng_state(run.rng, run.gen, state["rng"])
+    run.monitor.load(state["monitor"])
+    run.start_it = state["iteration"]
+    for name in ("log.jsonl", "eval.jsonl"):   # drop log lines written after the checkpoint (a crashed tail)
+        path = os.path.join(run.cfg.run_dir, name)
+        rows = [r for r in read_jsonl(path) if r["iteration"] <= run.start_it]
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
 def rng_state(rng, gen) -> dict:
     return {"numpy": rng.bit_generator.state, "sampling": gen.get_state(), "torch": torch.get_rng_state()}
 
@@ -487,213 +730,54 @@ def set_rng_state(rng, gen, s: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The loop
+# The loop (Algorithm 1)
 
 def train(cfg: TrainConfig) -> dict:
-    torch.manual_seed(cfg.seed)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    device = model_lib.pick_device(cfg.device)
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    ckpt = checkpoint_dir(cfg.run_dir) if cfg.resume else None
-    model, tokenizer = model_lib.load(os.path.join(ckpt, "model") if ckpt else cfg.model, device=device,
-                                      dtype=torch.float32)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable()
-    # θ₀ for the frozen-teacher ablation and the --ref-kl variant: a second copy, reloaded from the base model (not
-    # from the checkpoint); both uses share it
-    frozen_teacher = cfg.teacher_weights == "frozen" and cfg.teacher_context != "none"
-    base_model = model_lib.load(cfg.model, device=device, dtype=torch.float32)[0].eval() \
-        if frozen_teacher or cfg.ref_kl > 0 else None
-    frozen = base_model if frozen_teacher else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    env: Env = make_env(cfg.env, cfg.preset, cfg.max_turns, cfg.format_penalty, cfg.reward,
-                        appworld_root=cfg.appworld_root or None,
-                        appworld_slots=cfg.appworld_slots or cfg.tasks_per_iter * cfg.group_size)
-    bank = skills_lib.SkillBank(capacity=cfg.bank_capacity, c=cfg.ucb_c)
-    summarizer = make_summarizer(cfg, model, tokenizer)
-    train_pool = env.train_tasks[: cfg.train_tasks] if cfg.train_tasks else env.train_tasks
-    curriculum = Curriculum(train_pool, enabled=cfg.curriculum and cfg.env == "sokoban")
-    monitor = CollapseMonitor()
-    rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    sampling = model_lib.SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
-    start_it = 0
-    if ckpt:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        bank = skills_lib.SkillBank.load(os.path.join(ckpt, "skill_bank.json"))
-        curriculum.load(state["curriculum"])
-        set_rng_state(rng, gen, state["rng"])
-        monitor.__dict__.update(state["monitor"])
-        start_it = state["iteration"]
-        for name in ("log.jsonl", "eval.jsonl"):   # drop log lines written after the checkpoint (a crashed tail)
-            path = os.path.join(cfg.run_dir, name)
-            rows = [r for r in read_jsonl(path) if r["iteration"] <= start_it]
-            with open(path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-    with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"[train] {cfg.method} on {cfg.env} | model {cfg.model} ({n_params / 1e6:.2f}M params) on {device} | "
-          f"{cfg.tasks_per_iter} tasks x G={cfg.group_size} | λ={cfg.lam} | run dir {cfg.run_dir}")
-
-    def run_eval(iteration: int):
-        t0 = time.time()
-        tasks = env.test_tasks[: cfg.eval_tasks] if cfg.eval_tasks else env.test_tasks
-        m = evaluate(model, tokenizer, env, tasks, samples=cfg.eval_samples, temperature=cfg.eval_temperature,
-                     max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-        row = {"iteration": iteration, **{k: v for k, v in m.items() if k != "per_task_success"},
-               "seconds": time.time() - t0}
-        with open(os.path.join(cfg.run_dir, "eval.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
-        return row
-
-    if start_it == 0:
-        base = run_eval(0)
-        print(f"[eval] base: Acc {100 * base['acc']:.1f}%  Comp {100 * base['comp']:.1f}%")
-    bar = tqdm(range(start_it, cfg.iterations), initial=start_it, total=cfg.iterations, desc=cfg.method)
-    last, collapse = {}, ""
-    for it in bar:
-        times = {}
-        # 1. sync the teacher: the dynamic teacher IS `model` until this iteration's first optimizer step
-        teacher = frozen if frozen is not None else model
-        # 2. pick tasks
-        tasks = pick_tasks(curriculum, cfg.tasks_per_iter, rng)
-        tasks_eps = [(t, env.new_episode(t)) for t in tasks for _ in range(cfg.group_size)]   # B = tasks x G
-        episodes = [ep for _, ep in tasks_eps]
-        plain = [ep.initial_messages() for ep in episodes]
-        # 5 (before sampling, because skill-grpo and teacher-owned rollouts put the skill in the sampling prompt)
-        for new in summarizer.collect():            # skills summarised earlier become available now
-            bank.add(*new)
-        chosen = retrieve_skills(cfg, bank, tasks_eps[:: cfg.group_size])
-        block = [chosen[task_key(t)] for t, _ in tasks_eps]                # (skill_id, text, header) or None
-        with_skill = [skills_lib.with_skill(m, c[1], header=c[2]) if c else m for m, c in zip(plain, block)]
-        # 3. roll out (who samples, under which prompt, is the only difference between the ablations here)
-        t0 = time.time()
-        if cfg.method == "skill-grpo":
-            sample_prompts, sampler = with_skill, model
-        elif cfg.rollout_by == "teacher":
-            sample_prompts, sampler = with_skill, teacher
-        else:
-            sample_prompts, sampler = plain, model
-        sampler.eval()
-        with torch.no_grad(), autocast(device):
-            ledgers = model_lib.rollout(sampler, tokenizer, episodes, sampling, generator=gen, prompts=sample_prompts,
-                                        step_fn=env.step_fn, max_context=env.max_context)
-        times["rollout"] = time.time() - t0
-        # 4. rewards and group advantages
-        results = [ep.result() for ep in episodes]
-        rewards = torch.tensor([r["reward"] for r in results], dtype=torch.float32)          # (B,)
-        adv, zero_var = loss_lib.group_advantages(rewards, cfg.group_size)                  # (B,), int
-        adv = adv.to(device)
-        # 6. teacher re-scoring of the identical tokens, and log π_old by a full forward (not sampling-time logits)
-        t0 = time.time()
-        # on-policy the student's prompt is the one it sampled under, already tokenised in the ledger
-        student_prompts = [l.ids[: l.prompt_len] for l in ledgers] if cfg.rollout_by == "student" else \
-            [model_lib.encode_prompt(tokenizer, m) for m in plain]
-        teacher_prompts = [model_lib.encode_prompt(tokenizer, m) for m in with_skill]
-        has_teacher = torch.tensor([c is not None and cfg.teacher_context != "none" for c in block],
-                                   dtype=torch.float32, device=device)                           # (B,)
-        model.eval()
-        with torch.no_grad(), autocast(device):
-            logp_old = model_lib.score_under_prompt(model, ledgers, student_prompts, trainable_only=True,
-                                                    micro_batch_size=cfg.micro_batch_size).float()  # (B, T)
-            if cfg.teacher_context != "none" and (has_teacher.any() or cfg.rollout_by == "teacher"):
-                logp_teacher = model_lib.score_under_prompt(teacher, ledgers, teacher_prompts, trainable_only=True,
-                                                            micro_batch_size=cfg.micro_batch_size).float()  # (B, T)
-            else:
-                logp_teacher = logp_old.clone()
-            # labelled variant: θ₀ under the student's own (plain) prompt, the reference of the KL term
-            logp_ref = model_lib.score_under_prompt(base_model, ledgers, student_prompts, trainable_only=True,
-                                                    micro_batch_size=cfg.micro_batch_size).float() \
-                if cfg.ref_kl > 0 else None                                                     # (B, T)
-        # where the skill speaks (Sokoban: the player's cell is in it) vs elsewhere: ℓ at θ_old on each part, logged
-        # for every skill teacher; the labelled variant --sdl-mask covered keeps L_SDL on the covered part only
-        coverage, covered = {}, None
-        if env.skill_covers and cfg.teacher_context == "skill" and has_teacher.any():
-            covered = covered_tokens(ledgers, tokenizer, [c[1] if c else "" for c in block], env.skill_covers,
-                                     device)                                                       # (B, T)
-            taught = ledger_tensors(ledgers, device)[0] * has_teacher[:, None]                    # (B, T)
-            ell = logp_old - logp_teacher                                                          # (B, T)
-            for name, part in (("covered", taught * covered), ("uncovered", taught * (1 - covered))):
-                n = float(part.sum())
-                coverage[f"ell_mean_{name}"] = float((ell * part).sum()) / n if n else float("nan")
-            coverage["covered_frac"] = float((taught * covered).sum()) / max(1.0, float(taught.sum()))
-        times["teacher"] = time.time() - t0
-        # 7. update
-        t0 = time.time()
-        upd = ppo_update(cfg, model, optimizer, ledgers, student_prompts, adv, logp_old, logp_teacher, has_teacher,
-                         device, rng, logp_ref, sdl_tokens=covered if cfg.sdl_mask == "covered" else None,
-                         lam=lam_at(cfg, it))
-        times["update"] = time.time() - t0
-        # 8. summarise completed trajectories (skills reach the bank from the next iteration) + bandit update
-        t0 = time.time()
-        summarizer.submit(it, summary_requests(cfg, cfg.env, tasks_eps, rng))
-        for tid, hit in chosen.items():             # credit each retrieved skill with its group's mean reward
-            if hit and hit[0] is not None:
-                group = [r for (tt, _), r in zip(tasks_eps, rewards.tolist()) if task_key(tt) == tid]
-                bank.update(tid, hit[0], float(np.mean(group)))
-        times["summarize"] = time.time() - t0
-        # 9. log
-        success = float(np.mean([r["success"] for r in results]))
-        turns = sum(r["turns"] for r in results)
-        fmt_rate = sum(r["format_errors"] for r in results) / max(1, turns)
-        curriculum.update(success)
-        collapse = monitor.update(float(rewards.mean()), fmt_rate)
-        n_trainable = [sum(l.trainable) for l in ledgers]
-        row = {"iteration": it + 1, "reward": float(rewards.mean()), "acc": success,
-               "comp": float(np.mean([r["completion"] for r in results])), **upd, **coverage, "lam": lam_at(cfg, it),
-               "zero_var_groups": zero_var, "groups": len(tasks), "format_error_rate": fmt_rate,
-               "teacher_task_frac": float(has_teacher.mean()),
-               "skill_in_prompt_frac": float(np.mean([c is not None for c in block])) if cfg.method == "skill-grpo"
-               else 0.0, "episode_turns": turns / len(results),
-               "episode_tokens": float(np.mean([len(l.ids) for l in ledgers])),
-               "reply_tokens_per_turn": sum(n_trainable) / max(1, turns),
-               "truncated": sum(l.truncated for l in ledgers), "bank": bank.stats(), "summarizer": summarizer.stats(),
-               "curriculum_unlocked": curriculum.unlocked, "collapse": collapse,
-               **{f"time_{k}": v for k, v in times.items()}}
-        if cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iterations:
-            row["eval_acc"] = run_eval(it + 1)["acc"]
-        with open(os.path.join(cfg.run_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
-        bar.set_postfix(R=f"{row['reward']:.2f}", acc=f"{success:.2f}", sdl=f"{upd['loss_sdl']:.3g}",
-                        bank=row["bank"].get("skills", 0))
-        if collapse:
-            tqdm.write(f"[collapse] iteration {it + 1}: {collapse}")
-        if (cfg.save_every and (it + 1) % cfg.save_every == 0) or it + 1 == cfg.iterations:
-            for new in summarizer.collect(wait=True):   # pending skills belong in the checkpoint
-                bank.add(*new)
-            save_checkpoint(cfg.run_dir, model, tokenizer, optimizer, bank,
-                            {"iteration": it + 1, "rng": rng_state(rng, gen), "curriculum": curriculum.state(),
-                             "monitor": dict(monitor.__dict__), "config": dataclasses.asdict(cfg)})
-        last = row
-        if collapse and cfg.collapse_stop:
-            tqdm.write("[collapse] stopping (--collapse-stop)")
-            break
-    final = run_eval(cfg.iterations if not (collapse and cfg.collapse_stop) else last.get("iteration", 0))
-    summarizer.close()
-    env.close()
-    print(final_table(cfg))
+    arm = resolve_arm(cfg)
+    with cpu_threads(cfg.threads):
+        run = setup(cfg, arm)
+        n_params = sum(p.numel() for p in run.model.parameters())
+        print(f"[train] {cfg.method} on {cfg.env} | model {cfg.model} ({n_params / 1e6:.2f}M params) on {run.device} | "
+              f"{cfg.tasks_per_iter} tasks x G={cfg.group_size} | λ={cfg.lam} | run dir {cfg.run_dir}")
+        if run.start_it == 0:
+            base = run_eval(run, 0)
+            print(f"[eval] base: Acc {100 * base['acc']:.1f}%  Comp {100 * base['comp']:.1f}%")
+        bar = tqdm(range(run.start_it, cfg.iterations), initial=run.start_it, total=cfg.iterations, desc=cfg.method)
+        last, collapse = {}, ""
+        for it in bar:
+            times, lam = {}, lam_at(cfg, it)
+            # 1. sync the teacher: the dynamic teacher IS `model` until this iteration's first optimizer step
+            batch = pick_tasks(run)                                                              # 2. tasks
+            chosen = retrieve_contexts(run, batch)                                               # 3. skills
+            with timed(times, "rollout"):
+                roll_out(run, batch)                                                             # 4-5. rollouts
+            with timed(times, "teacher"):
+                score_teacher(run, batch)                                                        # 6. teacher
+            with timed(times, "update"):
+                upd = ppo_update(run, batch, lam)                                                # 7. update
+            with timed(times, "summarize"):
+                summarise_and_credit(run, batch, chosen, it)                                     # 8. skills
+            last = log_iteration(run, batch, upd, it, lam, times)                                # 9. log
+            bar.set_postfix(R=f"{last['reward']:.2f}", acc=f"{last['acc']:.2f}", sdl=f"{upd['loss_sdl']:.3g}",
+                            bank=last["bank"].get("skills", 0))
+            collapse = last["collapse"]
+            if (cfg.save_every and (it + 1) % cfg.save_every == 0) or it + 1 == cfg.iterations:
+                save_checkpoint(run, it + 1)
+            if collapse and cfg.collapse_stop:
+                tqdm.write("[collapse] stopping (--collapse-stop)")
+                break
+        final = run_eval(run, cfg.iterations if not (collapse and cfg.collapse_stop) else last.get("iteration", 0))
+        run.summarizer.close()
+        run.env.close()
+    print(report.final_table(cfg.run_dir))
     return {"train": last, "eval": final}
 
 
-def final_table(cfg: TrainConfig) -> str:
-    """The run's result as a small table, from its logs: held-out Acc / Comp at every evaluation (± s.e. over tasks)
-    and the training-level rollout success over the first and last 5 iterations."""
-    evals, train_rows = (read_jsonl(os.path.join(cfg.run_dir, n)) for n in ("eval.jsonl", "log.jsonl"))
-    how = "greedy" if cfg.eval_temperature == 0 else f"T = {cfg.eval_temperature:g}, {cfg.eval_samples} samples/task"
-    lines = [f"\n[result] {cfg.method}, seed {cfg.seed}: held-out tasks ({how}); ± = s.e. over tasks",
-             "| iteration | Acc (%) | Comp (%) |", "|---:|---:|---:|"]
-    lines += [f"| {e['iteration']} | {100 * e['acc']:.1f} ± {100 * e.get('acc_se', 0):.1f} | "
-              f"{100 * e['comp']:.1f} ± {100 * e.get('comp_se', 0):.1f} |" for e in evals]
-    if len(evals) >= 2:
-        lines.append(f"held-out Acc {100 * evals[0]['acc']:.1f} -> {100 * evals[-1]['acc']:.1f} "
-                     f"({100 * (evals[-1]['acc'] - evals[0]['acc']):+.1f} points)")
-    if train_rows:
-        first, last = (100 * np.mean([r["acc"] for r in rows]) for rows in (train_rows[:5], train_rows[-5:]))
-        lines.append(f"training-level success (rollouts): first 5 iterations {first:.1f}%, last 5 {last:.1f}%")
-    return "\n".join(lines + [f"logs and checkpoint: {cfg.run_dir}"])
+@contextmanager
+def timed(times: dict, name: str):
+    t0 = time.time()
+    yield
+    times[name] = time.time() - t0
 
 
 if __name__ == "__main__":

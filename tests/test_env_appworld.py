@@ -14,6 +14,7 @@ Run: `python -m pytest -q tests/test_env_appworld.py`
 """
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -564,3 +565,26 @@ def test_real_malformed_replies_never_raise(real_env):
         assert isinstance(obs, str) and len(obs) <= 4000
     res = ep.result()
     assert res["server_error"] is None and 0.0 <= res["completion"] <= 1.0 and res["turns"] <= 12
+
+
+def test_train_runs_two_iterations_on_the_fake_server(fake_bin, fake_root, tmp_path, monkeypatch):
+    """train.py --env appworld end to end on the fake server: two iterations of Skill-SD with the random tiny model,
+    rule-based AppWorld skills of iteration 1 serving iteration 2 (one training task), and evaluations that carry TGC and SGC."""
+    import json as json_lib
+
+    import train
+    monkeypatch.setenv("APPWORLD_BIN", fake_bin)
+    run_dir = tmp_path / "aw-run"
+    cfg = train.parse_args(["--env", "appworld", "--model", "tiny", "--appworld-root", str(fake_root), "--iterations",
+                            "2", "--tasks-per-iter", "1", "--group-size", "2", "--max-turns", "2", "--max-new-tokens",
+                            "8", "--eval-every", "0", "--appworld-slots", "2", "--train-tasks", "1", "--run-dir",
+                            str(run_dir)])
+    assert cfg.summarizer == "rule"
+    train.train(cfg)
+    rows = [json_lib.loads(line) for line in open(run_dir / "log.jsonl")]
+    evals = [json_lib.loads(line) for line in open(run_dir / "eval.jsonl")]
+    assert [r["iteration"] for r in rows] == [1, 2] and [e["iteration"] for e in evals] == [0, 2]
+    assert rows[0]["teacher_task_frac"] == 0.0 and rows[1]["teacher_task_frac"] == 1.0
+    assert rows[1]["bank"]["skills"] >= 1 and all(math.isfinite(r["loss_grpo"]) for r in rows)
+    assert all(e["tasks"] == 1 and {"TGC", "SGC", "by_difficulty"} <= set(e) for e in evals)
+    assert evals[-1]["TGC"] == 100 * evals[-1]["acc"]            # one dev task: TGC is its success, in percent

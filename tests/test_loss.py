@@ -1,4 +1,4 @@
-"""Tests for loss.py (CPU, float64), following notes/method.md §6.
+"""Tests for loss.py (CPU, float64), following METHOD.md §7.
 
 The exact-enumeration tests put each of the V = 6 vocabulary items in its own one-token batch, so the expectation
 E_{y~p_old}[f(y)] = sum_y p_old(y) f(y) is computed exactly by calling the real loss functions, and compared with the
@@ -9,11 +9,19 @@ import math
 import pytest
 import torch
 
-from loss import (diagnostics, grpo_loss, group_advantages, guard_hits, kl_k3_loss, offpolicy_losses, opd_loss,
-                  sdl_loss)
+from loss import _check, _masked, _normaliser, diagnostics, grpo_loss, group_advantages, guard_hits, k3, sdl_loss
 
 V = 6
 D = torch.float64
+
+
+def kl_k3_loss(logp, logp_ref, mask, num_tokens=None):
+    """The naive counterexample (verl's "low_var_kl"): token-mean of k3(logp - logp_ref) with no importance weight.
+    Its value estimates KL(pi_theta || pi_ref), but at theta_old its gradient is the FORWARD KL's (test below); the
+    trainer never uses it."""
+    m = _check(logp, logp_ref, mask=mask)
+    ell = _masked(logp, m) - _masked(logp_ref.detach(), m)                   # (B, T)
+    return _masked(k3(ell), m).sum() / _normaliser(m, num_tokens)
 
 
 def _logits(seed):
@@ -68,7 +76,7 @@ def test_sdl_expected_gradient_is_reverse_kl_gradient(move):
 def test_sdl_is_unbiased_under_any_sampler_off_policy():
     # teacher-owned rollouts: the sampler is the teacher itself, rho_off = pi_theta / pi_T
     z, z_t = _logits(3), _logits(4)
-    value, grad = expected(opd_loss, z, z_t, z_t)
+    value, grad = expected(sdl_loss, z, z_t, z_t)        # OPD / teacher rollouts: the same sdl_loss
     kl, kl_grad = reverse_kl_and_grad(z, z_t)
     assert abs(value - kl) < 1e-12 and torch.allclose(grad, kl_grad, atol=1e-10, rtol=0)
 
@@ -225,23 +233,6 @@ def test_num_tokens_accumulation_equals_full_batch(name):
     assert torch.allclose(g1 + g2, g_full, atol=1e-15, rtol=0)
 
 
-def test_offpolicy_losses_use_the_teacher_as_behaviour():
-    g = torch.Generator().manual_seed(5)
-    B, T = 2, 4
-    logp = (-torch.rand(B, T, generator=g, dtype=D)).requires_grad_(True)
-    logp_t = logp.detach() - 0.4 * torch.rand(B, T, generator=g, dtype=D)
-    adv, mask = torch.tensor([1.0, -1.0], dtype=D), torch.ones(B, T)
-    sdl_mask = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]])
-    grpo, sdl = offpolicy_losses(logp, logp_t, adv, mask, sdl_mask, 0.2, 0.28)
-    assert torch.equal(grpo, grpo_loss(logp, logp_t, adv, mask))          # PPO ratio pi_theta / pi_teacher
-    # rho_off = pi_theta / sg(pi_teacher); only the row with a teacher, over the shared N = 8
-    assert torch.equal(sdl, sdl_loss(logp[:1], logp_t[:1], logp_t[:1], mask[:1], num_tokens=mask.sum()))
-    assert grpo.requires_grad and sdl.requires_grad and sdl.item() > 0
-    other = logp_t - 0.1
-    grpo_b, _ = offpolicy_losses(logp, logp_t, adv, mask, logp_behaviour=other)
-    assert torch.equal(grpo_b, grpo_loss(logp, other, adv, mask))
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # advantages and diagnostics
 
@@ -279,26 +270,14 @@ def test_diagnostics_values_and_empty_mask():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# sequence level, tiny model (method.md §6.3)
+# sequence level, tiny model (METHOD.md §7)
 
-def test_tiny_model_teacher_equal_to_student_gives_zero_sdl():
-    from model import SamplingConfig, load, rollout, score, score_under_prompt
-    from skills import Skill, teacher_prompt_ids
+def test_tiny_model_teacher_equal_to_student_gives_zero_sdl(tiny):
+    from conftest import OneTurn
+    from model import SamplingConfig, encode_prompt, rollout, score, score_under_prompt
+    from skills import Skill, with_skill
 
-    class OneTurn:
-        task_id, trajectory, done = "t", [], False
-
-        def initial_messages(self):
-            return [{"role": "system", "content": "You play Sokoban."}, {"role": "user", "content": "# _ X O P #"}]
-
-        def step(self, reply):
-            self.done = True
-            return "", True
-
-        def abort(self, reason):
-            self.done = True
-
-    model, tok = load("tiny", device="cpu")
+    model, tok = tiny
     ep = OneTurn()
     ledger = rollout(model, tok, [ep], SamplingConfig(max_new_tokens=6), generator=torch.Generator().manual_seed(0))[0]
     mask = torch.tensor([ledger.trainable], dtype=torch.float32)                 # (1, T)
@@ -312,7 +291,7 @@ def test_tiny_model_teacher_equal_to_student_gives_zero_sdl():
     assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in model.parameters())
     assert torch.equal(torch.exp(logp - logp_old)[mask.bool()], torch.ones(int(mask.sum())))
     skill = Skill("push right", "none", "1. right").to_prompt()
-    teacher = score_under_prompt(model, [ledger], [teacher_prompt_ids(tok, ep.initial_messages(), skill)])
+    teacher = score_under_prompt(model, [ledger], [encode_prompt(tok, with_skill(ep.initial_messages(), skill))])
     model.zero_grad()
     logp = score(model, [ledger.ids], grad=True)
     loss = sdl_loss(logp, logp_old, teacher, mask)

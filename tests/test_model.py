@@ -20,20 +20,6 @@ GREEDY = {"qwen3": dict(bias=-1.0, spread=2.0), "llama": dict(bias=-1.0, spread=
 
 # ------------------------------------------------------------------------------------------------------ fixtures
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is ~50x faster than two spinning threads on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return M.build_tiny_tokenizer()
-
-
 @pytest.fixture(scope="module")
 def models(tok):
     qwen = M.build_tiny_model(tok, seed=0)
@@ -140,6 +126,8 @@ def test_segment_tokenization_roundtrip(tok):
         msgs = msgs + [{"role": "assistant", "content": reply}, {"role": "user", "content": obs}]
     full = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
     assert ids == full["input_ids"]
+    assert M.encode_segments(tok, observations) == [M.encode_segment(tok, o) for o in observations]   # batched
+    assert M.encode_segments(tok, []) == []
 
 
 # ------------------------------------------------------------------------------------------------------ parity
@@ -153,7 +141,7 @@ def test_cached_logprobs_equal_full_forward(model, tok):
 
 
 def test_cached_logprobs_equal_full_forward_eager(tok):
-    """Same parity with eager attention (the other implementation the notes verified)."""
+    """Same parity with eager attention."""
     model = M.build_tiny_model(tok, seed=0, attn_implementation="eager")
     with chatty(model, tok):
         _, ledgers = play(model, tok)
@@ -409,6 +397,20 @@ def test_load_tiny():
     model, tok = M.load("tiny", device="cpu")
     assert model.config.model_type == "qwen3" and model.dtype == torch.float32
     assert model.config.tie_word_embeddings and len(tok) == model.config.vocab_size
+    with pytest.raises(M.ModelLoadError, match="tiny_base.ensure_built"):   # a CLI name, resolved by tiny_base.py
+        M.load("tiny-sokoban")
+
+
+def test_complete_gives_one_reply_per_chat(models, tok):
+    """model.complete = a one-turn rollout per chat, in batches: greedy replies equal the batch-of-one replies, and
+    the reply is the decoded ledger reply."""
+    model = models["qwen3"]
+    chats = [[{"role": "user", "content": "Say something about boxes number %d." % k}] for k in range(5)]
+    greedy = M.SamplingConfig(temperature=0.0, max_new_tokens=6)
+    together = M.complete(model, tok, chats, greedy, batch_size=3)
+    alone = [M.complete(model, tok, [c], greedy)[0] for c in chats]
+    assert together == alone and len(together) == 5 and all(isinstance(r, str) and r for r in together)
+    assert M.complete(model, tok, chats[:1], greedy, max_context=4) == [""]     # the prompt does not fit: no reply
 
 
 def test_unloadable_name_gives_clear_error(monkeypatch):

@@ -1,20 +1,19 @@
-"""Tests for skills.py: parsing (incl. fuzz), the skill cap, UCB order, bank caps/dedup/round trip, rule summaries on
-scripted Sokoban and AppWorld trajectories, async == sync, the HTTP summarizer against a stdlib fake server, the LLM
-summarizer on the tiny model, and that the teacher prompt is the student prompt plus one contiguous block."""
+"""Tests for skills.py: parsing (incl. fuzz), the skill cap, UCB order, bank caps/dedup/round trip, async == sync, the
+HTTP summarizer against a stdlib fake server, the LLM summarizer on the tiny model, and that the teacher prompt is the
+student prompt plus one contiguous block. The rule summarisers are tested in test_rule_skills.py."""
 import http.server
 import json
 import math
 import random
 import threading
 
-import numpy as np
 import pytest
 
-import env_sokoban as es
-from skills import (FALLBACKS, MAX_SKILL_CHARS, PRIVILEGED_HEADER, SKILL_HEADER, AppWorldRuleSummarizer,
-                    AsyncSummarizer, HTTPSummarizer, LLMSummarizer, RuleBasedSummarizer, Skill, SkillBank,
-                    SokobanRuleSummarizer, SummaryRequest, make_summarizer, parse_skill, privileged_block,
-                    summary_messages, teacher_prompt_ids, with_skill)
+from rule_skills import AppWorldRuleSummarizer
+from skills import (FALLBACKS, MAX_SKILL_CHARS, PRIVILEGED_HEADER, SKILL_HEADER, AsyncSummarizer, HTTPSummarizer,
+                    LLMSummarizer, Skill, SkillBank, SummaryRequest, parse_skill, privileged_block, summary_messages,
+                    with_skill)
+from test_rule_skills import APPWORLD_TRAJ, ROOM, _episode
 
 GOOD = {"success_analysis": "Pushing right worked.", "mistake_analysis": "Walked into the wall.",
         "golden_workflow": "1. left\n2. up\n3. right"}
@@ -179,128 +178,24 @@ def test_bank_json_round_trip_preserves_retrieval_order(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# rule summarizers
-
-ROOM = """
-# # # # # #
-# _ _ _ _ #
-# _ X _ O #
-# _ _ P _ #
-# # # # # #
-"""
-
-
-def _episode(room_text, replies):
-    fixed, state = es.room_from_text(room_text)
-    level = es.Level("sokoban-test-0", 0, 0, fixed.shape, int(np.isin(state, (3, 4)).sum()), 0, fixed, state,
-                     tuple(es.solve(fixed, state)), 40)
-    ep = es.SokobanEpisode(level, max_turns=40)
-    for r in replies:
-        ep.step(r if r.startswith("<") or r == "" else f"<think>x</think><action>{r}</action>")
-    return ep
-
-
-def test_sokoban_rule_summary_success_with_bump_and_loop():
-    ep = _episode(ROOM, ["down", "left", "right", "left", "left", "up", "right", "right"])
-    assert ep.result()["success"]
-    req = SummaryRequest.from_episode("sokoban", ep)
-    s = SokobanRuleSummarizer().summarize([req])[0]
-    # each move keyed by the cell it is made from, in the observation's words ("You are at (row 3, col 3).")
-    assert s.golden_workflow == ("Moves from the start (loops and bumps removed):\n1. at (row 3, col 3): left\n"
-                                 "2. at (row 3, col 2): left\n3. at (row 3, col 1): up\n"
-                                 "4. at (row 2, col 1): right (push the box)\n"
-                                 "5. at (row 2, col 2): right (push the box)")
-    assert "You are at (row 3, col 3)." in es.SokobanEpisode(ep.level).initial_messages()[1]["content"]
-    assert "Turn 1: at (row 3, col 3), down walked into a wall (nothing moved)." in s.mistake_analysis
-    assert "Turns 1-3: loop, back to the position of the start" in s.mistake_analysis
-    assert s.success_analysis.startswith("Solved in 8 turns (7 moves); the plan below needs 5 moves.")
-    assert "turn(s) 8" in s.success_analysis
-    assert SokobanRuleSummarizer().summarize([req])[0] == s           # deterministic
-    assert RuleBasedSummarizer().summarize([req])[0] == s
-
-
-def test_sokoban_rule_summary_corner_deadlock_and_format_error():
-    ep = _episode(ROOM, ["left", "up", "I will go right", "right", "up", "left"])
-    s = SokobanRuleSummarizer().summarize([SummaryRequest.from_episode("sokoban", ep)])[0]
-    assert ("Turn 6: pushed a box left into the corner at (row 1, col 1), not a target: deadlock"
-            in s.mistake_analysis)
-    assert "1 turn(s) with an invalid reply (turns 3;" in s.mistake_analysis
-    assert s.golden_workflow.startswith("No successful workflow yet. No move sequence placed a box")
-    assert s.success_analysis.startswith("Not solved: 0/1 boxes on targets at the end after 5 moves in 6 turns.")
-
-
-def test_sokoban_rule_summary_best_prefix_on_failure():
-    room = "######\n######\n##_O_#\n#_X__#\n#PX_O#\n######"       # sokoban.md example 2
-    ep = _episode(room, ["right", "right", "right", "up", "down"])
-    s = SokobanRuleSummarizer().summarize([SummaryRequest.from_episode("sokoban", ep)])[0]
-    assert s.golden_workflow == ("No successful workflow yet. Best prefix so far (1/2 boxes on targets):\n"
-                                 "1. at (row 4, col 1): right (push the box)\n"
-                                 "2. at (row 4, col 2): right (push the box)")
-    assert "Turn 3: at (row 4, col 3), right pushed a box that cannot move (nothing moved)." in s.mistake_analysis
-    assert "Turns 3-5: loop, back to the position after turn 2" in s.mistake_analysis
-    # without the initial room only the trajectory's own flags are used (no replay), still deterministic
-    req = SummaryRequest.from_episode("sokoban", ep)
-    req.extra = {}
-    s2 = SokobanRuleSummarizer().summarize([req])[0]
-    assert "Turn 3: right" in s2.mistake_analysis and s2.golden_workflow.startswith("No successful workflow yet.")
-
-
-APPWORLD_TRAJ = [
-    {"reply": "look", "code": "print(apis.api_docs.show_api_descriptions(app_name='spotify'))",
-     "observation": '[{"name": "login"}]', "valid": True, "error": None},
-    {"reply": "login", "code": "token = apis.spotify.login(username='a', password='b')",
-     "observation": "Execution failed. Traceback:\n  File \"<python-input>\", line 1\n"
-                    "Exception: Response status code is 401: Invalid credentials\n", "valid": True, "error": None},
-    {"reply": "thinking only", "code": None, "observation": "No code found.", "valid": False, "error": "no code"},
-    {"reply": "login", "code": "pw = apis.supervisor.show_account_passwords()\n"
-                               "token = apis.spotify.login(username='a', password=pw[0]['password'])",
-     "observation": "Execution successful.", "valid": True, "error": None},
-    {"reply": "done", "code": "apis.supervisor.complete_task(answer=3)", "observation": "Execution successful.",
-     "valid": True, "error": None},
-]
-
-
-def test_appworld_rule_summary():
-    req = SummaryRequest("aw-1", "appworld", "Count my playlists.", APPWORLD_TRAJ,
-                         {"success": True, "completion": 1.0, "reward": 1.0})
-    s = AppWorldRuleSummarizer().summarize([req])[0]
-    assert s.golden_workflow == ("API calls in order:\n1. apis.api_docs.show_api_descriptions\n"
-                                 "2. apis.supervisor.show_account_passwords\n3. apis.spotify.login\n"
-                                 "4. apis.supervisor.complete_task")
-    assert ("Turn 2: spotify.login failed: Exception: Response status code is 401: Invalid credentials"
-            in s.mistake_analysis)
-    assert "1 turn(s) without a code block (turns 3)." in s.mistake_analysis
-    assert s.success_analysis.startswith("Task completed. API calls that ran without error: api_docs.show_api_desc")
-    failed = SummaryRequest("aw-1", "appworld", "x", APPWORLD_TRAJ[:3], {"success": False, "completion": 0.5})
-    s = RuleBasedSummarizer().summarize([failed])[0]
-    assert s.golden_workflow == ("No successful workflow yet. Calls that worked so far:\n"
-                                 "1. apis.api_docs.show_api_descriptions")
-    assert s.success_analysis.startswith("Not completed (completion 0.50).")
-    # garbage turns never crash the summarizers: a bad trajectory costs its skill and is counted
-    junk = SummaryRequest("aw-2", "appworld", "x", [{"code": 5}], {})
-    summ = AppWorldRuleSummarizer()
-    assert summ.summarize([junk]) == [None] and summ.num_errors == 1
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # async
 
 def _requests():
     out = [SummaryRequest(f"aw-{i}", "appworld", "x", APPWORLD_TRAJ[:i + 1], {"success": i == 4}) for i in range(5)]
-    out.append(SummaryRequest("zz", "unknown-env", "x", [], {}))        # dropped (None), counted
+    out.append(SummaryRequest("zz", "appworld", "x", [{"code": 5}], {}))  # the summariser fails: dropped, counted
     return out
 
 
 def test_async_returns_the_same_skills_as_sync():
     reqs = _requests()
-    sync = AsyncSummarizer(RuleBasedSummarizer(), synchronous=True)
+    sync = AsyncSummarizer(AppWorldRuleSummarizer(), synchronous=True)
     sync.submit(0, reqs[:3])
     sync.submit(1, reqs[3:])
     want = sync.collect()
     assert len(want) == 5 and sync.collect() == []
-    with AsyncSummarizer(RuleBasedSummarizer()) as worker:
+    with AsyncSummarizer(AppWorldRuleSummarizer()) as worker:
         worker.submit(0, reqs[:3])
-        worker.submit(reqs[3:])                                       # design.md's one-argument form
+        worker.submit(1, reqs[3:])
         assert worker.collect(wait=True) == want
         assert worker.stats()["summaries_dropped"] == 1 and worker.stats()["summary_pending"] == 0
 
@@ -390,30 +285,14 @@ def test_summary_messages_truncate_and_report_outcome():
     assert len(user) < 3000 + 2500
 
 
-def test_make_summarizer():
-    assert isinstance(make_summarizer("rule", "sokoban"), SokobanRuleSummarizer)
-    assert isinstance(make_summarizer("rule"), RuleBasedSummarizer)
-    assert isinstance(make_summarizer("http", base_url="http://x", http_model="m"), HTTPSummarizer)
-    for bad in (dict(kind="llm"), dict(kind="http"), dict(kind="oracle")):
-        with pytest.raises(ValueError):
-            make_summarizer(**bad)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# tiny model: LLM summarizer and teacher prompt ids
-
-@pytest.fixture(scope="module")
-def tiny():
-    import torch
-    from model import load
-    torch.manual_seed(0)
-    return load("tiny", device="cpu")
-
+# tiny model: LLM summarizer and teacher prompts
 
 def test_llm_summarizer_on_tiny_model(tiny):
-    from model import SamplingConfig
+    from model import SamplingConfig, complete
     model, tok = tiny
-    summ = LLMSummarizer(model, tok, sampling=SamplingConfig(temperature=0.0, max_new_tokens=8), batch_size=2)
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=8)
+    summ = LLMSummarizer(lambda chats: complete(model, tok, chats, greedy, batch_size=2))
     reqs = _requests()[:3]
     out = summ.summarize(reqs)                    # a random model writes no JSON: one retry each, then None
     assert out == [None, None, None] and summ.num_generated == 6 and summ.num_failed == 3
@@ -436,7 +315,7 @@ def test_teacher_prompt_is_student_prompt_plus_one_block(tiny):
     assert with_skill(msgs, None) == msgs
     for header, text in ((SKILL_HEADER, skill), (PRIVILEGED_HEADER, privileged_block(ep.privileged_context()))):
         student = encode_prompt(tok, msgs)
-        t_ids = teacher_prompt_ids(tok, msgs, text, header=header)
+        t_ids = encode_prompt(tok, with_skill(msgs, text, header=header))
         k = len(t_ids) - len(student)
         splits = [a for a in range(len(student) + 1) if t_ids[:a] == student[:a] and t_ids[a + k:] == student[a:]]
         assert splits and k > 0                                        # student = A + C, teacher = A + S + C
@@ -444,11 +323,3 @@ def test_teacher_prompt_is_student_prompt_plus_one_block(tiny):
     assert privileged_block(None) is None and privileged_block("  ") is None
     with pytest.raises(ValueError):
         with_skill([{"role": "system", "content": "x"}], skill)
-
-
-def test_sokoban_rule_summary_lists_each_blocked_move_once_with_its_cell():
-    ep = _episode(ROOM, ["down", "down", "left", "down"])
-    s = SokobanRuleSummarizer().summarize([SummaryRequest.from_episode("sokoban", ep)])[0]
-    bumps = [line for line in s.mistake_analysis.splitlines() if "walked into a wall" in line]
-    assert bumps == ["Turn 1: at (row 3, col 3), down walked into a wall (nothing moved).",
-                     "Turn 4: at (row 3, col 2), down walked into a wall (nothing moved)."]

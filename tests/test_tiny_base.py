@@ -1,5 +1,6 @@
 """Tests of tiny_base.py on a drastically reduced recipe (a few levels, a few dozen steps): determinism of the data
-generator, token-stream identity with model.rollout's ledger, loss positions = reply tokens only, cache hit/rebuild."""
+generator, the players, token-stream identity with model.rollout's ledger, loss positions = reply tokens only, cache
+hit/rebuild, --recipe parsing, and that variant organisms get the tiny profile."""
 import os
 import re
 
@@ -9,6 +10,7 @@ import torch
 
 import env_sokoban as es
 import model as model_lib
+import rule_skills
 import skills as skills_lib
 import tiny_base as tb
 
@@ -18,7 +20,6 @@ SMALL = dict(num_levels=16, steps=150, batch_size=4, warmup=5, lr=3e-3, vocab_si
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    torch.set_num_threads(1)
     root = str(tmp_path_factory.mktemp("cache"))
     path = tb.ensure_built(SMALL, cache_root=root, progress=False)
     return root, path
@@ -43,10 +44,9 @@ def test_players():
     best = tb.optimal_action(game)
     naive = tb.naive_move(game)
     assert (best, naive) == (3, 2)       # this level: the box is down-left of the player; the solver goes left first
-    p = tb.plain_policy(game, None, r)
+    p = tb.plain_policy(game, r)
     rest = (1 - r["p_opt"] - r["p_naive"]) / 4
     assert np.allclose(p, [rest, rest + r["p_naive"], rest + r["p_opt"], rest]) and p.sum() == pytest.approx(1)
-    assert all(np.array_equal(p, tb.plain_policy(game, prev, r)) for prev in (1, 2, 3, 4))   # the state only
     # the novice's move: toward the nearest box along the longer axis (rows on a tie), a push when next to it
     room = np.array([[0] * 6] + [[0, 1, 1, 1, 1, 0]] * 4 + [[0] * 6])
     for player, box, want in [((1, 1), (3, 2), 2), ((1, 1), (2, 4), 4), ((4, 4), (3, 3), 1), ((2, 3), (2, 2), 3)]:
@@ -59,21 +59,21 @@ def test_players():
     here = tuple(int(x) for x in game.player)
     elsewhere = (here[0], here[1] + 1)
     wf = {here: 3, elsewhere: 1}                                 # {cell: move}
-    on = tb.skill_policy(game, None, wf, set(), r)
-    assert on[2] == pytest.approx(r["p_follow"] + (1 - r["p_follow"]) * tb.plain_policy(game, None, r)[2])
-    off = tb.skill_policy(game, 2, {elsewhere: 1}, set(), r)     # no workflow entry here: exactly the plain player
-    assert np.allclose(off, tb.plain_policy(game, 2, r))
-    plain = tb.plain_policy(game, 2, r)
-    avoid = tb.skill_policy(game, 2, {}, {(here, 2), (elsewhere, 1)}, r)   # "down" reported blocked at this cell
+    on = tb.skill_policy(game, wf, set(), r)
+    assert on[2] == pytest.approx(r["p_follow"] + (1 - r["p_follow"]) * tb.plain_policy(game, r)[2])
+    off = tb.skill_policy(game, {elsewhere: 1}, set(), r)     # no workflow entry here: exactly the plain player
+    assert np.allclose(off, tb.plain_policy(game, r))
+    plain = tb.plain_policy(game, r)
+    avoid = tb.skill_policy(game, {}, {(here, 2), (elsewhere, 1)}, r)   # "down" reported blocked at this cell
     assert avoid[1] == pytest.approx((1 - r["p_avoid"]) * plain[1]) and avoid.sum() == pytest.approx(1)
     assert np.allclose(avoid[[0, 2, 3]] / avoid[[0, 2, 3]].sum(), plain[[0, 2, 3]] / plain[[0, 2, 3]].sum())
     skill = skills_lib.Skill("", "Turn 1: at (row 2, col 3), up walked into a wall (nothing moved).\n"
                                  "Turn 4: at (row 1, col 1), left pushed a box that cannot move (nothing moved).",
                              "Moves from the start (loops and bumps removed):\n1. at (row 2, col 3): left\n"
                              "2. at (row 2, col 2): up (push the box)\n3. at (row 2, col 3): down")
-    assert tb.workflow_moves(skill) == {(2, 3): 3, (2, 2): 1}            # the first entry of a cell wins
-    assert tb.blocked_moves(skill) == {((2, 3), 1), ((1, 1), 3)}
-    assert tb.workflow_moves(skills_lib.Skill("", "", "No successful workflow yet.")) == {}
+    assert rule_skills.workflow_moves(skill) == {(2, 3): 3, (2, 2): 1}            # the first entry of a cell wins
+    assert rule_skills.blocked_moves(skill) == {((2, 3), 1), ((1, 1), 3)}
+    assert rule_skills.workflow_moves(skills_lib.Skill("", "", "No successful workflow yet.")) == {}
     # the summarizer's own text parses back (the organism reads exactly what train.py's teacher sees)
     rng = np.random.default_rng(0)
     for _ in range(40):
@@ -82,12 +82,12 @@ def test_players():
         if ep.result()["success"]:
             cells = re.findall(r"^\d+\. at (\(row \d+, col \d+\)): ", sk.golden_workflow, re.M)
             assert len(cells) == len(sk.golden_workflow.splitlines()) - 1 >= 1        # every move is keyed
-            assert len(tb.workflow_moves(sk)) == len(set(cells))
+            assert len(rule_skills.workflow_moves(sk)) == len(set(cells))
         bumps = [t for t in ep.trajectory if not t.get("moved")]
-        assert bool(tb.blocked_moves(sk)) == bool(bumps)
+        assert bool(rule_skills.blocked_moves(sk)) == bool(bumps)
 
 
-def test_cache_hit_and_rebuild(built, monkeypatch):
+def test_cache_hit_and_rebuild(built, tmp_path, monkeypatch):
     root, path = built
     assert os.path.exists(os.path.join(path, "config.json")) and os.path.basename(path).startswith("tiny-sokoban-")
     monkeypatch.setattr(tb, "build", lambda *a, **k: pytest.fail("cache hit expected"))
@@ -95,13 +95,16 @@ def test_cache_hit_and_rebuild(built, monkeypatch):
     other = tb.base_dir({**SMALL, "steps": 61}, cache_root=root)
     assert other != path and not os.path.exists(other)              # a changed recipe gets its own folder
     monkeypatch.undo()
+    # a rebuild in a cache root of its own (so the module's organism stays as it is): 2 training steps, 4 levels
+    own = str(tmp_path / "cache")
     calls = []
     real = tb.build
-    monkeypatch.setattr(tb, "build", lambda r, progress=True: calls.append(1) or real({**r, "steps": 2}, progress))
-    assert tb.ensure_built(SMALL, cache_root=root, rebuild=True, progress=False) == path and calls == [1]
-    assert not [n for n in os.listdir(root) if ".tmp" in n]           # the temporary folder was renamed away
-    monkeypatch.undo()
-    tb.ensure_built(SMALL, cache_root=root, rebuild=True, progress=False)   # restore the fixture's model
+    monkeypatch.setattr(tb, "build", lambda r, progress=True: calls.append(1) or real({**r, "steps": 2,
+                                                                                       "num_levels": 4}, progress))
+    first = tb.ensure_built(SMALL, cache_root=own, progress=False)
+    assert tb.ensure_built(SMALL, cache_root=own, rebuild=True, progress=False) == first and calls == [1, 1]
+    assert os.path.basename(first) == os.path.basename(path)        # the same recipe, the same folder name
+    assert not [n for n in os.listdir(own) if ".tmp" in n]          # the temporary folder was renamed away
 
 
 def test_tokenizer_round_trips_and_reloads(built):
@@ -180,13 +183,16 @@ def test_copy_rate_reads_the_workflow_along_its_own_path(built):
 
 def test_recipe_flag_rejects_unknown_keys_and_bad_values():
     """`tiny_base.py --recipe` builds variant organisms; a typo must say which keys exist, before any build starts."""
+    assert tb.parse_recipe(["p_follow=0.5", "steps=10"]) == {"p_follow": 0.5, "steps": 10}
+    for arg, expected in (("p_folow=0.5", "KEY one of"), ("p_follow=high", "takes a float"), ("p_follow", "KEY=VALUE")):
+        with pytest.raises(SystemExit, match=expected):
+            tb.parse_recipe([arg])
     import subprocess
     import sys
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for arg, expected in (("p_folow=0.5", "KEY one of"), ("p_follow=high", "takes a float"), ("p_follow", "KEY=VALUE")):
-        out = subprocess.run([sys.executable, os.path.join(here, "tiny_base.py"), "--recipe", arg],
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode != 0 and expected in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, os.path.join(here, "tiny_base.py"), "--recipe", "p_folow=0.5"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "KEY one of" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_variant_organism_folders_get_the_tiny_profile():
@@ -197,3 +203,10 @@ def test_variant_organism_folders_get_the_tiny_profile():
     assert all(getattr(cfg, k) == v for k, v in profile.items()) and cfg.summarizer == "rule"
     other = train.parse_args(["--model", "/models/Qwen3-4B", "--run-dir", os.devnull])
     assert other.lam == 1e-3 and other.max_turns == 40 and other.summarizer == "policy"
+
+
+def test_resolve_builds_only_the_built_in_name(monkeypatch):
+    monkeypatch.setattr(tb, "ensure_built", lambda *a, **k: "/cache/tiny-sokoban-abc")
+    assert tb.resolve("tiny-sokoban") == "/cache/tiny-sokoban-abc"
+    assert [tb.resolve(n) for n in ("tiny", "Qwen/Qwen3-4B", "./runs/x/ckpt/model")] == \
+        ["tiny", "Qwen/Qwen3-4B", "./runs/x/ckpt/model"]

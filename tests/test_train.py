@@ -1,26 +1,22 @@
-"""Smoke runs of every method and ablation on the tiny model (CPU, a few iterations), resume equality, and eval.py's
-independence from the batch size. These check the wiring of train.py numerically: logged losses are finite, the SDL
-term is exactly zero where there is no teacher and positive where there is one, checkpoints load in plain
-transformers, and an interrupted + resumed run equals an uninterrupted one bit for bit."""
+"""Smoke runs of every method and ablation on the tiny model (CPU, a few iterations), resume equality, the loop's
+invariants (ρ = 1 on the first mini-batch, which weights the teacher has, the student never sees a skill, the bandit
+credit), and eval.py's independence from the batch size. These check the wiring of train.py numerically: logged losses
+are finite, the SDL term is exactly zero where there is no teacher and positive where there is one, checkpoints load in
+plain transformers, and an interrupted + resumed run equals an uninterrupted one bit for bit."""
 import copy
 import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
 import eval as eval_lib
 import model as model_lib
+import skills as skills_lib
 import train
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine run far slower with 2 threads than with 1 (contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from common import make_env
 
 
 SMALL = ["--env", "sokoban", "--preset", "easy", "--model", "tiny", "--tasks-per-iter", "2", "--group-size", "2",
@@ -70,10 +66,11 @@ def test_every_method_runs(tmp_path, extra):
     else:
         # cold start: no skill in iteration 1 (banks are empty), skills summarised after it serve iteration 2
         assert rows[0]["teacher_task_frac"] == 0.0 and rows[0]["loss_sdl"] == 0.0
-        # (with --sdl-mask covered a random model's turns may all be uncovered, so its SDL value may be 0)
-        assert rows[1]["teacher_task_frac"] == 1.0 and (rows[1]["loss_sdl"] > 0 or cfg.sdl_mask == "covered")
+        assert rows[1]["teacher_task_frac"] == 1.0
+        if cfg.sdl_mask == "all":   # covered turns: a random model's turns may all be uncovered (SDL value 0); the
+            assert rows[1]["loss_sdl"] > 0      # variant's own numbers are test_sdl_mask_restricts_only_the_sdl_term
         # where the skill speaks vs elsewhere, logged for every skill teacher (random model: coverage is by chance)
-        assert 0.0 <= rows[1]["covered_frac"] <= 1.0 and "ell_mean_uncovered" in rows[1]
+        assert "covered_frac" in rows[1] and "ell_mean_uncovered" in rows[1]
         assert [r["lam"] for r in rows] == ([cfg.lam, cfg.lam / 2] if cfg.lam_warmdown else [cfg.lam] * 2)
     # the checkpoint is a plain HF folder
     from transformers import AutoModelForCausalLM
@@ -101,7 +98,7 @@ def four_rollouts():
     the input of the ppo_update tests."""
     torch.manual_seed(0)
     model, tok = model_lib.load("tiny")
-    env = eval_lib.make_env("sokoban", "easy", max_turns=3)
+    env = make_env("sokoban", "easy", max_turns=3)
     episodes = [env.new_episode(t) for t in env.train_tasks[:2] for _ in range(2)]
     ledgers = model_lib.rollout(model, tok, episodes, model_lib.SamplingConfig(max_new_tokens=6),
                                 generator=torch.Generator().manual_seed(0), step_fn=env.step_fn)
@@ -111,10 +108,25 @@ def four_rollouts():
     return model, ledgers, prompts, logp_old
 
 
+def update(cfg, model, ledgers, prompts, adv, logp_old, teacher, has_teacher, logp_ref=None, sdl_tokens=None,
+           lam=None):
+    """One train.ppo_update of a copy of the model on this batch -> (stats, the updated weights)."""
+    m = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    run = train.Run(cfg, train.resolve_arm(cfg), torch.device("cpu"), m, None, None, optimizer, None, None, None,
+                    None, None, np.random.default_rng(0), None, None)
+    mask = model_lib.trainable_mask(ledgers)                                      # (B, T)
+    sdl_mask = mask * has_teacher[:, None] * (1.0 if sdl_tokens is None else sdl_tokens)        # (B, T)
+    batch = train.Batch([None] * len(ledgers), [], [], ledgers=ledgers, student_prompts=prompts, adv=adv,
+                        has_teacher=has_teacher, mask=mask, sdl_mask=sdl_mask, logp_old=logp_old, logp_teacher=teacher,
+                        logp_behaviour=logp_old, logp_ref=logp_ref)
+    stats = train.ppo_update(run, batch, cfg.lam if lam is None else lam)
+    return stats, {k: v.clone() for k, v in m.state_dict().items()}
+
+
 def test_ref_kl_is_the_frozen_teacher_sdl_without_the_skill():
     """The labelled --ref-kl variant adds β·(ρ·k3 toward θ₀ under the plain prompt): one ppo_update of GRPO + β·KL with
     reference log-probs X must step the weights exactly as Skill-SD with λ = β and a teacher whose log-probs are X."""
-    import numpy as np
     model, ledgers, prompts, logp_old = four_rollouts()
     reference = logp_old + 0.3 * torch.randn(logp_old.shape, generator=torch.Generator().manual_seed(1))  # (B, T)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
@@ -123,11 +135,7 @@ def test_ref_kl_is_the_frozen_teacher_sdl_without_the_skill():
             (["--method", "grpo", "--ref-kl", "0.5"], logp_old, torch.zeros(4), reference),
             (["--method", "skill-sd", "--lam", "0.5"], reference, torch.ones(4), None)):
         cfg = train.parse_args(SMALL + argv)
-        m = copy.deepcopy(model)
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-        stats = train.ppo_update(cfg, m, opt, ledgers, prompts, adv, logp_old, teacher, has_teacher,
-                                 torch.device("cpu"), np.random.default_rng(0), logp_ref=ref)
-        results.append((stats, {k: v.clone() for k, v in m.state_dict().items()}))
+        results.append(update(cfg, model, ledgers, prompts, adv, logp_old, teacher, has_teacher, logp_ref=ref))
     (a, wa), (b, wb) = results
     assert a["loss_ref_kl"] == pytest.approx(b["loss_sdl"], rel=1e-6) and a["loss_ref_kl"] > 0
     assert a["loss_grpo"] == pytest.approx(b["loss_grpo"], rel=1e-6)
@@ -141,7 +149,7 @@ def test_covered_tokens_mark_whole_turns_by_what_the_policy_read():
     import itertools
     torch.manual_seed(0)
     model, tok = model_lib.load("tiny")
-    env = eval_lib.make_env("sokoban", "easy", max_turns=3)
+    env = make_env("sokoban", "easy", max_turns=3)
     episodes = [env.new_episode(t) for t in env.train_tasks[:3]]
     ledgers = model_lib.rollout(model, tok, episodes, model_lib.SamplingConfig(max_new_tokens=6),
                                 generator=torch.Generator().manual_seed(0), step_fn=env.step_fn)
@@ -164,22 +172,18 @@ def test_covered_tokens_mark_whole_turns_by_what_the_policy_read():
 def test_sdl_mask_restricts_only_the_sdl_term():
     """ppo_update's sdl_tokens (--sdl-mask covered): all zeros steps exactly like GRPO, all ones exactly like no mask,
     a partial mask like neither."""
-    import numpy as np
     model, ledgers, prompts, logp_old = four_rollouts()
     teacher = logp_old + 0.5 * torch.randn(logp_old.shape, generator=torch.Generator().manual_seed(1))  # (B, T)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    half = train.ledger_tensors(ledgers, torch.device("cpu"))[0]                                   # (B, T)
+    half = model_lib.trainable_mask(ledgers)                                          # (B, T)
     half[:, ::2] = 0.0                                                     # every other trainable position only
     cfg = train.parse_args(SMALL + ["--method", "skill-sd", "--lam", "0.5"])
     weights = {}
     for name, tokens, has in (("grpo", None, torch.zeros(4)), ("zeros", torch.zeros(logp_old.shape), torch.ones(4)),
                               ("all", None, torch.ones(4)), ("ones", torch.ones(logp_old.shape), torch.ones(4)),
                               ("half", half, torch.ones(4)), ("lam0", None, torch.ones(4))):
-        m = copy.deepcopy(model)
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-        train.ppo_update(cfg, m, opt, ledgers, prompts, adv, logp_old, teacher, has, torch.device("cpu"),
-                         np.random.default_rng(0), sdl_tokens=tokens, lam=0.0 if name == "lam0" else None)
-        weights[name] = {k: v.clone() for k, v in m.state_dict().items()}
+        weights[name] = update(cfg, model, ledgers, prompts, adv, logp_old, teacher, has, sdl_tokens=tokens,
+                               lam=0.0 if name == "lam0" else None)[1]
     same = lambda a, b: all(torch.allclose(weights[a][k], weights[b][k], atol=1e-7) for k in weights[a])
     assert same("zeros", "grpo") and same("ones", "all") and same("lam0", "grpo")
     assert not same("half", "grpo") and not same("half", "all") and not same("grpo", "all")
@@ -218,7 +222,7 @@ def test_bad_flags_give_clear_errors():
 def test_eval_is_independent_of_batch_size():
     torch.manual_seed(0)
     model, tok = model_lib.load("tiny")
-    env = eval_lib.make_env("sokoban", "easy", max_turns=3)
+    env = make_env("sokoban", "easy", max_turns=3)
     tasks = env.test_tasks[:3]
     kw = dict(samples=2, temperature=1.0, max_new_tokens=6, seed=5)
     a = eval_lib.evaluate(model, tok, env, tasks, batch_size=6, **kw)
@@ -227,58 +231,152 @@ def test_eval_is_independent_of_batch_size():
     assert a["episodes"] == 6 and 0 <= a["acc"] <= a["pass@2"] <= 1
 
 
-def test_compare_runs_table(tmp_path, capsys):
-    """Seeds of one method are averaged (mean ± s.e.), ablations get their own row under the paper's names, the base
-    row comes from the iteration-0 evaluations, differences are paired by seed; written even without matplotlib."""
-    runs = (("a0", {"method": "grpo", "seed": 0}, 0.25), ("a1", {"method": "grpo", "seed": 1}, 0.75),
-            ("b0", {"method": "skill-sd", "seed": 0}, 0.5),
-            ("c0", {"method": "skill-sd", "seed": 0, "teacher_weights": "frozen"}, 0.125),
-            ("d1", {"method": "skill-sd", "seed": 1, "rollout_by": "teacher"}, 0.625),
-            ("e0", {"method": "skill-sd", "seed": 0, "lam": 0.5}, 0.375),
-            ("f0", {"method": "skill-sd", "seed": 0, "sdl_mask": "covered", "lam_warmdown": 20}, 0.25))
-    for name, cfg, acc in runs:
-        d = tmp_path / name
-        d.mkdir()
-        (d / "config.json").write_text(json.dumps(cfg))
-        (d / "log.jsonl").write_text("".join(json.dumps({"iteration": i, "acc": 0.1 * i, "time_update": 30.0,
-                                                         "entropy_proxy": 0.1 * i}) + "\n" for i in (1, 2)))
-        base = 0.0 if cfg["seed"] == 0 else 0.5
-        (d / "eval.jsonl").write_text(json.dumps({"iteration": 0, "acc": base, "comp": base, "seconds": 60}) + "\n"
-                                      + json.dumps({"iteration": 2, "acc": acc, "comp": acc / 2, "acc_se": 0.03,
-                                                    "pass@2": min(1.0, 1.5 * acc)})
-                                      + "\n{broken")
-    table = eval_lib.compare_runs([str(tmp_path / n) for n, _, _ in runs], str(tmp_path / "report"))
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()[2:]}
-    assert rows["Base model"][:2] == ["2", "25.0 ± 25.0"]
-    assert table.splitlines()[0].count("|") == 12 and "pass@2 (%)" in table.splitlines()[0]
-    # pass@2 of the two seeds: 37.5 and 100; −log π: the mean of iterations 1–2 (a quarter of 2 drops none): 0.15
-    assert rows["Vanilla GRPO"] == ["2", "50.0 ± 25.0", "+25.0 ± 0.0", "–", "25.0 ± 12.5", "68.8 ± 31.2",
-                                    "15.0 ± 0.0", "0.15", "3.0", "2.0"]
-    assert rows["Skill-SD"][:5] == ["1", "50.0", "+50.0", "+25.0", "25.0"]   # λ shown only once two differ
-    assert rows["Skill-SD (λ = 0.5)"][:4] == ["1", "37.5", "+37.5", "+12.5"]
-    assert rows["Skill-SD (frozen teacher)"][:4] == ["1", "12.5", "+12.5", "-12.5"]
-    assert rows["Skill-SD (teacher-owned rollouts)"][:4] == ["1", "62.5", "+12.5", "-12.5"]
-    assert rows["Skill-SD (SDL on covered turns, λ → 0 at it. 20)"][:4] == ["1", "25.0", "+25.0", "+0.0"]
-    assert (tmp_path / "report.md").read_text().strip() == table
+def test_rho_is_one_on_the_first_mini_batch_inside_the_update():
+    """log π_old comes from one batched forward (one padding), the update recomputes log π_θ with grad in permuted
+    micro-batches of 3 (other padding): with a single mini-batch every micro-batch runs before the step, so the PPO
+    ratio and ρ must be 1 to float precision there."""
+    model, ledgers, prompts, logp_old = four_rollouts()
+    teacher = logp_old + 0.5 * torch.randn(logp_old.shape, generator=torch.Generator().manual_seed(1))  # (B, T)
+    cfg = train.parse_args(SMALL + ["--method", "skill-sd", "--lam", "0.5", "--mini-batches", "1"])
+    stats, _ = update(cfg, model, ledgers, prompts, torch.tensor([1.0, -1.0, 0.5, -0.5]), logp_old, teacher,
+                      torch.ones(4))
+    for key in ("ratio_max", "ratio_min", "ratio_mean", "rho_max", "rho_mean"):
+        assert abs(stats[key] - 1.0) < 1e-5, (key, stats[key])
+    cfg2 = train.parse_args(SMALL + ["--method", "skill-sd", "--lam", "0.5", "--mini-batches", "2"])
+    stats2, _ = update(cfg2, model, ledgers, prompts, torch.tensor([1.0, -1.0, 0.5, -0.5]), logp_old, teacher,
+                       torch.ones(4))
+    assert stats2["ratio_max"] - 1.0 > 1e-4          # the second mini-batch sees θ ≠ θ_old: the check can fail
 
 
-def test_paper_table_keeps_finished_runs_and_reports_a_failed_one(tmp_path):
-    """--paper-table: finished runs are not re-run (the table comes from their logs); a run that fails stops the
-    sweep with its output; unknown arms are refused."""
-    root = tmp_path / "table"
-    for arm, acc in (("grpo", 0.25), ("skill-sd", 0.5)):
-        d = root / f"{arm}-s0"
-        d.mkdir(parents=True)
-        (d / "config.json").write_text(json.dumps({"method": arm, "seed": 0, "iterations": 2}))
-        (d / "log.jsonl").write_text(json.dumps({"iteration": 2, "acc": acc}) + "\n")
-        (d / "eval.jsonl").write_text(json.dumps({"iteration": 0, "acc": 0.1, "comp": 0.1}) + "\n"
-                                      + json.dumps({"iteration": 2, "acc": acc, "comp": acc}) + "\n")
-    table = eval_lib.run_table(str(root), [0], 2, ["grpo", "skill-sd"], ["--model", "unused"])
-    assert "| Skill-SD | 1 | 50.0 | +40.0 | +25.0 | 50.0 |" in table
-    assert (root / "table.md").read_text().strip() == table
-    assert eval_lib.run_finished(str(root / "grpo-s0")) and not eval_lib.run_finished(str(tmp_path / "missing"))
-    with pytest.raises(SystemExit, match="failed"):   # seed 1 is not there: train.py starts and cannot load the model
-        eval_lib.run_table(str(root), [1], 1, ["grpo"], ["--model", str(tmp_path / "no-such-model")])
-    assert "no-such-model" in (root / "grpo-s1" / "train.out").read_text()
-    with pytest.raises(SystemExit, match="choose from"):
-        eval_lib.run_table(str(root), [0], 1, ["nope"], [])
+def spy_run(tmp_path, monkeypatch, name, *extra, iterations=3):
+    """A SMALL run that records, at every update, the batch and the teacher's expected log-probs scored afresh:
+    with the current weights (θ_old) and with θ₀ (a freshly built "tiny" model), under the skill prompt."""
+    seen = []
+    real = train.ppo_update
+    theta0 = model_lib.load("tiny", device="cpu")[0]
+
+    def spy(run, batch, lam):
+        prompts = [model_lib.encode_prompt(run.tokenizer, skills_lib.with_skill(m, c.text, header=c.header) if c else m)
+                   for m, c in zip(batch.plain, batch.contexts)]
+        with torch.no_grad():
+            now = model_lib.score_under_prompt(run.model, batch.ledgers, prompts, trainable_only=True)    # (B, T)
+            base = model_lib.score_under_prompt(theta0, batch.ledgers, prompts, trainable_only=True)      # (B, T)
+        seen.append((batch, now, base))
+        return real(run, batch, lam)
+
+    monkeypatch.setattr(train, "ppo_update", spy)
+    run(tmp_path, name, *extra, iterations=iterations)
+    return seen
+
+
+@pytest.mark.parametrize("weights", ["dynamic", "frozen"])
+def test_the_teacher_is_theta_old_or_theta_0(tmp_path, monkeypatch, weights):
+    """Dynamic: iteration k's teacher log-probs are the current (pre-update) weights under the skill prompt, and differ
+    from θ₀ once training has moved the weights; frozen: they are θ₀'s, and differ from the current weights."""
+    seen = spy_run(tmp_path, monkeypatch, weights, "--method", "skill-sd", "--teacher-weights", weights)
+    for it, (batch, now, base) in enumerate(seen):
+        rows = batch.has_teacher.bool()
+        if not rows.any():
+            assert it == 0                            # cold start only
+            continue
+        m = batch.sdl_mask.bool()
+        want, other = (now, base) if weights == "dynamic" else (base, now)
+        assert (batch.logp_teacher - want)[m].abs().max() < 1e-5
+    # iteration 1 has no teacher and (random model, all rewards 0) flat groups: no step; iteration 2's SDL moves the
+    # weights, so at iteration 3 θ_old and θ₀ differ and the teacher is the one it should be
+    assert sum(b.has_teacher.bool().any() for b, _, _ in seen) == 2
+    batch, now, base = seen[-1]
+    m = batch.sdl_mask.bool()
+    assert (now - base)[m].abs().max() > 1e-3
+    assert (batch.logp_teacher - (base if weights == "dynamic" else now))[m].abs().max() > 1e-3
+
+
+def test_the_student_never_sees_a_skill(tmp_path, monkeypatch):
+    """Every prompt the student samples under (training and evaluation) is plain in Skill-SD; in skill-augmented GRPO
+    the training prompts carry the skill from iteration 2 on and the evaluation prompts never do."""
+    for method in ("skill-sd", "skill-grpo"):
+        calls, in_eval = [], []
+        real_rollout, real_evaluate = model_lib.rollout, eval_lib.evaluate
+
+        def rollout(model, tok, episodes, sampling, prompts=None, **kw):
+            calls.append((bool(in_eval), [m[-1]["content"] for m in prompts]))
+            return real_rollout(model, tok, episodes, sampling, prompts=prompts, **kw)
+
+        def evaluate(*a, **kw):
+            in_eval.append(1)
+            try:
+                return real_evaluate(*a, **kw)
+            finally:
+                in_eval.pop()
+
+        monkeypatch.setattr(model_lib, "rollout", rollout)
+        monkeypatch.setattr(eval_lib, "evaluate", evaluate)
+        run(tmp_path, method, "--method", method, iterations=3)
+        monkeypatch.undo()
+        header = lambda texts: [skills_lib.SKILL_HEADER in t for t in texts]  # noqa: E731
+        evals = [header(t) for e, t in calls if e]
+        training = [header(t) for e, t in calls if not e]
+        assert len(evals) == 2 and not any(any(h) for h in evals)
+        assert len(training) == 3 and not any(training[0])
+        assert all(any(h) for h in training[1:]) if method == "skill-grpo" else not any(any(h) for h in training)
+
+
+def test_the_bandit_credits_the_retrieved_skill_with_its_group_reward(tmp_path, monkeypatch):
+    """After iteration 2 (the first with skills) each retrieved skill has one pick, one update and reward_sum = the
+    mean reward of its task's rollouts; the checkpoint's bank says so."""
+    credited = []
+    real = train.summarise_and_credit
+
+    def spy(run, batch, chosen, it):
+        credited.append({tid: (c.skill_id, float(np.mean([r for t, r in zip(batch.tasks, batch.rewards.tolist())
+                                                          if t.task_id == tid]))) for tid, c in chosen.items() if c})
+        return real(run, batch, chosen, it)
+
+    monkeypatch.setattr(train, "summarise_and_credit", spy)
+    monkeypatch.setattr(train.loss_lib, "group_advantages", train.loss_lib.group_advantages)
+    run(tmp_path, "credit", "--method", "skill-sd", iterations=2)
+    assert credited[0] == {} and len(credited[1]) == 2
+    bank = skills_lib.SkillBank.load(str(tmp_path / "credit" / "ckpt" / "skill_bank.json"))
+    for tid, (skill_id, mean) in credited[1].items():
+        entry = next(e for e in bank.tasks[tid]["entries"] if e["id"] == skill_id)
+        assert (entry["picks"], entry["updates"]) == (1, 1) and entry["reward_sum"] == pytest.approx(mean, abs=1e-12)
+        assert sum(e["picks"] for e in bank.tasks[tid]["entries"]) == 1
+
+
+def test_train_restores_the_thread_count(tmp_path):
+    torch.set_num_threads(2)
+    try:
+        run(tmp_path, "threads", "--threads", "1", iterations=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_help_shows_the_defaults_that_apply(capsys):
+    """--help names the paper's default and, where the tiny base's profile replaces it, that value too."""
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default 0.001; tiny profile: 0.1)" in out and "(default 40; tiny profile: 12)" in out
+    assert "(default: None)" not in out
+
+
+def test_eval_on_a_run_checkpoint_uses_the_runs_settings(tmp_path, capsys):
+    """eval.py --model <run>/ckpt/model evaluates with the run's own preset, turns, tokens, samples and temperature
+    (its config.json) unless a flag says otherwise: the numbers then match the run's own final evaluation."""
+    cfg, out, _ = run(tmp_path, "ev", "--eval-samples", "2", "--eval-temperature", "1.0", iterations=1)
+    model_dir = str(tmp_path / "ev" / "ckpt" / "model")
+    assert eval_lib.run_defaults(model_dir) == {"env": "sokoban", "preset": "easy", "max_turns": 3,
+                                                "max_new_tokens": 6, "samples": 2, "temperature": 1.0, "seed": 0}
+    assert eval_lib.run_defaults(str(tmp_path)) == {}
+    capsys.readouterr()
+    eval_lib.main(["--model", model_dir, "--out", str(tmp_path / "m.json")])
+    got = json.load(open(tmp_path / "m.json"))
+    # the run evaluated its first 4 test levels (--eval-tasks 4); this is all 64 with the run's settings and per-episode
+    # generators, so its first 4 levels reproduce the run's own final evaluation exactly
+    final = [json.loads(l) for l in open(tmp_path / "ev" / "eval.jsonl")][-1]
+    assert got["samples"] == 2 and got["tasks"] == 64 and final["tasks"] == 4
+    assert sum(list(got["per_task_success"].values())[:4]) / 4 == pytest.approx(final["acc"], abs=1e-12)
+    eval_lib.main(["--model", model_dir, "--samples", "1", "--out", str(tmp_path / "g.json")])
+    assert json.load(open(tmp_path / "g.json"))["samples"] == 1                  # a flag given wins
+
