@@ -605,8 +605,8 @@ def micro_batch_losses(run: Run, batch: Batch, rows, n_tokens: float, weights: t
         # KL(π_θ ‖ π_θ₀); it is exactly the frozen-teacher ablation's SDL with the skill taken out of the prompt
         terms["ref_kl"] = (cfg.ref_kl, loss_lib.sdl_loss(logp, batch.logp_old[rows, :Tm], batch.logp_ref[rows, :Tm],
                                                          m, num_tokens=n_tokens))
-    d = loss_lib.diagnostics(logp.detach(), batch.logp_old[rows, :Tm], tea, m, cfg.clip_low, cfg.clip_high,
-                             sdl_mask=sm)
+    # the loss's own ratio and ρ (behaviour denominator), and clip_frac where the clip binds given the advantage's sign
+    d = loss_lib.diagnostics(logp.detach(), behaviour, tea, m, cfg.clip_low, cfg.clip_high, advantages=a, sdl_mask=sm)
     return terms, d
 
 

@@ -380,3 +380,23 @@ def test_eval_on_a_run_checkpoint_uses_the_runs_settings(tmp_path, capsys):
     eval_lib.main(["--model", model_dir, "--samples", "1", "--out", str(tmp_path / "g.json")])
     assert json.load(open(tmp_path / "g.json"))["samples"] == 1                  # a flag given wins
 
+
+def test_logged_clip_fraction_uses_the_advantages_and_the_behaviour_policy(monkeypatch):
+    """diagnostics gets each micro-batch's advantages (so clip_frac counts only where the clip binds: r > 1 + ε_h with
+    A > 0, r < 1 − ε_l with A < 0) and the same denominator as the loss (log π_old on-policy)."""
+    model, ledgers, prompts, logp_old = four_rollouts()
+    seen, real = [], train.loss_lib.diagnostics
+
+    def spy(logp, behaviour, teacher, mask, clip_low, clip_high, advantages=None, sdl_mask=None):
+        seen.append((behaviour.clone(), advantages.clone(), mask.clone()))
+        return real(logp, behaviour, teacher, mask, clip_low, clip_high, advantages=advantages, sdl_mask=sdl_mask)
+
+    monkeypatch.setattr(train.loss_lib, "diagnostics", spy)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    cfg = train.parse_args(SMALL + ["--method", "grpo"])
+    update(cfg, model, ledgers, prompts, adv, logp_old, logp_old, torch.zeros(4))
+    assert sorted(round(float(x), 2) for _, a, _ in seen for x in a) == sorted(adv.tolist())   # every row once
+    for behaviour, a, mask in seen:
+        row = [int(torch.nonzero((adv == v)).flatten()[0]) for v in a]
+        T = behaviour.shape[1]
+        assert torch.equal(behaviour, logp_old[row, :T])
