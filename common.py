@@ -69,6 +69,12 @@ class Env:
     metrics: Callable | None = None        # [episode result] -> extra metrics (AppWorld: TGC, SGC)
 
 
+def episode_failed(result: dict) -> bool:
+    """An episode the environment could not play to the end (AppWorld: its server died twice): its reward says
+    nothing about the policy, so it is dropped from the update and the summaries instead of trained on as 0."""
+    return bool(result.get("server_error") or result.get("env_error"))
+
+
 def task_key(task) -> str:
     """A stable string id of a task (a Sokoban Level or an AppWorld task id)."""
     return task if isinstance(task, str) else task.task_id
@@ -144,6 +150,19 @@ def parse_flags(cls, argv=None, description: str = "", notes: dict | None = None
         else:
             p.add_argument(name, type=_TYPES[kind], default=None, help=help)
     return {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+
+
+def require(cfg, rules: dict) -> None:
+    """rules: field -> (test, what it must be); the first field whose value fails its test (NaN fails every
+    comparison) ends the program with one line naming the flag."""
+    for name, (ok, what) in rules.items():
+        value = getattr(cfg, name)
+        try:
+            good = bool(ok(value))
+        except TypeError:
+            good = False
+        if not good:
+            raise SystemExit(f"--{name.replace('_', '-')} {value!r}: must be {what}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -400,10 +400,11 @@ class AppWorldEnv:
         self._episodes = 0                # episode counter (experiment names)
         self._warned_eviction = False
         atexit.register(self.close)
+        self._signals = {}                # the handlers this env installed, restored by close()
         if cfg.handle_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGHUP):
                 if signal.getsignal(sig) is signal.SIG_DFL:
-                    signal.signal(sig, _exit_on_signal)
+                    self._signals[sig] = signal.signal(sig, _exit_on_signal)
 
     def __enter__(self):
         return self
@@ -437,6 +438,11 @@ class AppWorldEnv:
         for server in self.servers:
             server.stop(retire=True)
         atexit.unregister(self.close)
+        if threading.current_thread() is threading.main_thread():
+            for sig, before in self._signals.items():   # scoped: the process's handlers as they were
+                if signal.getsignal(sig) is _exit_on_signal:
+                    signal.signal(sig, before)
+            self._signals = {}
 
     def _new_server(self):
         slot = len(self.servers)

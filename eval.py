@@ -40,7 +40,7 @@ import model as model_lib
 import rule_skills
 import skills as skills_lib
 import tiny_base
-from common import Env, flag, make_env, mean_se, parse_flags, task_key
+from common import Env, flag, make_env, mean_se, parse_flags, require, task_key
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -275,6 +275,26 @@ def run_defaults(model_path: str) -> dict:
     return {ours: saved[theirs] for ours, theirs in RUN_SETTINGS.items() if theirs in saved}
 
 
+EVAL_RANGES = {
+    "samples": (lambda v: v >= 1, ">= 1"), "max_turns": (lambda v: v >= 1, ">= 1"),
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"), "batch_size": (lambda v: v >= 1, ">= 1"),
+    "seed": (lambda v: v >= 0, ">= 0"), "jobs": (lambda v: v >= 1, ">= 1"),
+    "temperature": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 = greedy)"),
+}
+
+
+def validate(cfg: EvalConfig) -> EvalConfig:
+    """One clear line for a bad value, before any model is loaded."""
+    for name, allowed in (("env", ("sokoban", "appworld")), ("split", ("test", "train", "dev")),
+                          ("preset", tuple(env_sokoban.PRESETS))):
+        if getattr(cfg, name) not in allowed:
+            raise SystemExit(f"--{name} {getattr(cfg, name)!r}: choose one of {allowed}")
+    require(cfg, EVAL_RANGES)
+    if cfg.with_skill and not os.path.exists(cfg.with_skill):
+        raise SystemExit(f"--with-skill {cfg.with_skill}: no such file (a run's bank is <run>/ckpt/skill_bank.json)")
+    return cfg
+
+
 def main(argv=None):
     given = parse_flags(EvalConfig, argv, description=__doc__)
     if given.get("paper_table") or given.get("compare"):
@@ -284,9 +304,7 @@ def main(argv=None):
     if defaults:
         print(f"[eval] {given['model']} is a run's checkpoint: its settings apply unless a flag says otherwise: "
               + ", ".join(f"{k}={v}" for k, v in defaults.items() if k not in given))
-    cfg = EvalConfig(**{**defaults, **given})
-    if cfg.env == "sokoban" and cfg.preset not in env_sokoban.PRESETS:
-        raise SystemExit(f"--preset {cfg.preset!r}: choose one of {tuple(env_sokoban.PRESETS)}")
+    cfg = validate(EvalConfig(**{**defaults, **given}))
     torch.manual_seed(cfg.seed)
     model, tokenizer = model_lib.load(tiny_base.resolve(cfg.model))
     split = cfg.split if not (cfg.env == "appworld" and cfg.split == "test") else "dev"
@@ -296,6 +314,8 @@ def main(argv=None):
         skill_for = best_skill_of(skills_lib.SkillBank.load(cfg.with_skill)) if cfg.with_skill else None
         metrics = evaluate(model, tokenizer, env, tasks, cfg.samples, cfg.temperature, cfg.max_new_tokens,
                            cfg.batch_size, cfg.seed, skill_for=skill_for, progress=True)
+    except KeyboardInterrupt:
+        raise SystemExit("[eval] interrupted: nothing was written") from None
     finally:
         env.close()
     shown = {k: v for k, v in metrics.items() if k != "per_task_success"}

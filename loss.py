@@ -83,10 +83,12 @@ def k3(ell):
 # ---------------------------------------------------------------------------------------------------------------------
 # GRPO
 
-def group_advantages(rewards, group_size, eps=1e-6):
+def group_advantages(rewards, group_size, eps=1e-6, valid=None):
     """Group-normalised advantages A_i = (R_i - mean_g R) / (std_g R + eps), groups = consecutive runs of group_size.
 
     Returns (advantages (B,), num_zero_variance_groups). std is unbiased (choice 5); all-equal groups get exactly 0.
+    valid (B,) bools, optional: rows to leave out (an episode the environment failed to play): their advantage is 0
+    and each group is normalised over its valid rows; a group with fewer than 2 of them counts as zero-variance.
     Example: rewards [1, 0, 1, 0, 1, 1], G = 2 -> [0.7071, -0.7071, 0.7071, -0.7071, 0, 0] (approx), 1 zero group.
     """
     rewards = torch.as_tensor(rewards)
@@ -95,6 +97,16 @@ def group_advantages(rewards, group_size, eps=1e-6):
     if rewards.dim() != 1 or group_size < 1 or rewards.numel() % group_size != 0:
         raise ValueError(f"rewards must be 1-D with a length divisible by group_size={group_size}, "
                          f"got shape {tuple(rewards.shape)}")
+    if valid is not None and not all(valid):
+        adv, zero = torch.zeros_like(rewards), 0
+        for g in range(0, rewards.numel(), group_size):
+            rows = [i for i in range(g, g + group_size) if valid[i]]
+            if len(rows) < 2:
+                zero += 1
+                continue
+            a, z = group_advantages(rewards[rows], len(rows), eps)
+            adv[rows], zero = a, zero + z
+        return adv, zero
     r = rewards.detach().view(-1, group_size)                              # (B/G, G)
     mean = r.mean(dim=1, keepdim=True)                                     # (B/G, 1)
     std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)  # (B/G, 1), unbiased

@@ -146,15 +146,21 @@ def load(name_or_path: str, device=None, dtype=None):
     except Exception as err:  # noqa: BLE001 - every loader failure becomes one short, actionable message
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         looks_local = os.path.isabs(name_or_path) or name_or_path.startswith(".") or os.path.isdir(name_or_path)
-        where = ("the local directory" + ("" if os.path.isdir(name_or_path) else " (it does not exist)")
-                 if looks_local else "the Hugging Face hub and the local HF cache")
+        if looks_local:
+            where = "the local directory" + ("" if os.path.isdir(name_or_path) else " (it does not exist)")
+            fix = ("check the path, and that the folder holds config.json, the weights (*.safetensors) and the "
+                   "tokenizer files (a run's checkpoint is <run>/ckpt/model; a damaged one: <run>/ckpt.prev/model)")
+            if os.path.exists(os.path.join(name_or_path, "tiny_base.json")):
+                fix = "this is a cached tiny base: rebuild it with `python tiny_base.py --rebuild`"
+        else:
+            where = "the Hugging Face hub and the local HF cache"
+            fix = (f"pre-download it on a machine with internet (`huggingface-cli download {name_or_path}`, then "
+                   f"copy the HF cache or set HF_HOME; HF_HUB_OFFLINE=1 skips network retries), or pass a local "
+                   f"directory holding config.json, the weights and the tokenizer files")
         raise ModelLoadError(
             f"could not load {name_or_path!r} ({type(err).__name__}: {first})\n"
             f"  tried: {where}, with AutoTokenizer and AutoModelForCausalLM\n"
-            f"  fix: pre-download it on a machine with internet (`huggingface-cli download {name_or_path}`, then "
-            f"copy the HF cache or set HF_HOME; HF_HUB_OFFLINE=1 skips network retries), pass a local directory "
-            f"holding config.json, the weights and the tokenizer files, or use \"tiny\" (built in, no network)"
-        ) from None
+            f"  fix: {fix}; or use \"tiny\" (built in, no network)") from None
     if not tokenizer.chat_template:
         raise ModelLoadError(f"{name_or_path!r} has no chat template; use an instruct/chat checkpoint")
     if tokenizer.pad_token_id is None:

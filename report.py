@@ -20,8 +20,10 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -262,29 +264,65 @@ def run_table(root: str, seeds: list[int], jobs: int, arms: list[str], extra: li
             d = os.path.join(root, f"{arm}-s{seed}")
             if os.path.exists(os.path.join(d, "config.json")) and run_finished(load_run(d)):
                 continue
-            resume = os.path.exists(os.path.join(d, "ckpt", "trainer_state.pt"))
-            cmd = [sys.executable, os.path.join(here, "train.py"), "--env", "sokoban", *TABLE_ARMS[arm],
-                   "--seed", str(seed), *extra, "--run-dir", d] + (["--resume", d] if resume else [])
-            todo.append((d, cmd))
+            todo.append((d, run_command(here, arm, seed, extra, d)))
     print(f"[table] {len(todo)} runs to do under {root}, {jobs} at a time")
-    running, t0 = [], time.time()
-    while todo or running:
-        while todo and len(running) < jobs:
-            d, cmd = todo.pop(0)
-            os.makedirs(d, exist_ok=True)
-            print(f"[table] start {os.path.basename(d)}  ({(time.time() - t0) / 60:.1f} min)")
-            running.append((d, subprocess.Popen(cmd, stdout=open(os.path.join(d, "train.out"), "w"),
-                                                stderr=subprocess.STDOUT)))
-        time.sleep(2)
-        for d, proc in list(running):
-            if proc.poll() is not None:
-                running.remove((d, proc))
-                if proc.returncode != 0:
-                    tail = open(os.path.join(d, "train.out")).read()[-2000:]
-                    raise SystemExit(f"[table] {d} failed (exit {proc.returncode}); its output ends:\n{tail}")
-                print(f"[table] done  {os.path.basename(d)}  ({(time.time() - t0) / 60:.1f} min)")
+    running = []
+    try:
+        _run_all(todo, running, jobs)
+    except BaseException:     # Ctrl-C, SIGTERM (see below), a failed run: no child outlives the table
+        for d, proc in running:
+            proc.terminate()
+        for d, proc in running:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        raise
     dirs = [os.path.join(root, f"{a}-s{s}") for a in arms for s in seeds]
     return compare_runs(dirs, os.path.join(root, "table"))
+
+
+def run_command(here: str, arm: str, seed: int, extra: list[str], d: str) -> list[str]:
+    """train.py for one (arm, seed): --resume when it has a checkpoint; --overwrite when it holds only what a run
+    stopped before its first checkpoint left (that run starts again from scratch, its partial log removed)."""
+    cmd = [sys.executable, os.path.join(here, "train.py"), "--env", "sokoban", *TABLE_ARMS[arm], "--seed", str(seed),
+           *extra, "--run-dir", d]
+    if any(os.path.exists(os.path.join(d, c, "trainer_state.pt")) for c in ("ckpt", "ckpt.prev", "ckpt.old")):
+        return cmd + ["--resume", d]
+    if any(os.path.exists(os.path.join(d, n)) for n in ("config.json", "log.jsonl", "eval.jsonl")):
+        return cmd + ["--overwrite"]
+    return cmd
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _run_all(todo: list, running: list, jobs: int) -> None:
+    """Start the runs `jobs` at a time and wait for them all; meanwhile SIGTERM raises KeyboardInterrupt, so that
+    run_table ends its children on either signal."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    t0 = time.time()
+    try:
+        while todo or running:
+            while todo and len(running) < jobs:
+                d, cmd = todo.pop(0)
+                os.makedirs(d, exist_ok=True)
+                print(f"[table] start {os.path.basename(d)}  ({(time.time() - t0) / 60:.1f} min)", flush=True)
+                running.append((d, subprocess.Popen(cmd, stdout=open(os.path.join(d, "train.out"), "w"),
+                                                    stderr=subprocess.STDOUT)))
+            time.sleep(2)
+            for d, proc in list(running):
+                if proc.poll() is not None:
+                    running.remove((d, proc))
+                    if proc.returncode != 0:
+                        tail = open(os.path.join(d, "train.out")).read()[-2000:]
+                        raise SystemExit(f"[table] {d} failed (exit {proc.returncode}); its output ends:\n{tail}")
+                    print(f"[table] done  {os.path.basename(d)}  ({(time.time() - t0) / 60:.1f} min)", flush=True)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def main(cfg) -> None:

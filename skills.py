@@ -61,6 +61,13 @@ PRIVILEGED_HEADER = "[Reference solution for this task]"
 # ---------------------------------------------------------------------------------------------------------------------
 # The skill record and its parser
 
+def valid_text(text: str) -> str:
+    """text with every surrogate code point resolved: an escaped pair ("\\ud83d\\ude00" decoded) becomes its character, a
+    lone half (a summary cut inside an escape) becomes U+FFFD, so the text always encodes as UTF-8 (the tokenizer and
+    SkillBank.save need it)."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 @dataclass
 class Skill:
     success_analysis: str
@@ -189,7 +196,12 @@ _QUOTED_FIELD = re.compile(                     # "key": "value... (the value ma
 
 
 def parse_skill(text):
-    """Model output -> Skill | None (choice 2). Never raises."""
+    """Model output -> Skill | None (choice 2), its fields valid text (valid_text). Never raises."""
+    skill = _parse_skill(text)
+    return None if skill is None else Skill(*(valid_text(v) for v in skill.to_dict().values()))
+
+
+def _parse_skill(text):
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8", "replace")
@@ -242,8 +254,8 @@ Reply with only the JSON object."""
 
 
 def clip_text(text, n):
-    """text cut to n characters, with a marker saying how many were cut."""
-    text = str(text or "").strip()
+    """text cut to n characters, with a marker saying how many were cut (valid text: see valid_text)."""
+    text = valid_text(str(text or "").strip())
     return text if len(text) <= n else text[:n] + f" ...[{len(text) - n} chars cut]"
 
 
@@ -464,6 +476,7 @@ class SkillBank:
         """Append a skill; False for None or an exact duplicate (same to_prompt text) already in the bank."""
         if not isinstance(skill, Skill):
             return False
+        skill = Skill(*(valid_text(str(v)) for v in skill.to_dict().values()))   # never an unencodable skill
         bank = self._task(task_id)
         text = skill.to_prompt()
         if any(e["skill"].to_prompt() == text for e in bank["entries"]):

@@ -389,6 +389,10 @@ def ensure_built(recipe: dict | None = None, cache_root: str | None = None, rebu
     r = {**RECIPE, **(recipe or {})}
     path = base_dir(r, cache_root)
     if os.path.exists(os.path.join(path, "config.json")) and not rebuild:
+        problem = damaged(path)
+        if problem:
+            raise SystemExit(f"the cached tiny base {path} is damaged ({problem}): rebuild it with "
+                             f"`python tiny_base.py --rebuild`" + (" --recipe ..." if recipe else ""))
         return path
     if progress:
         print(f"[tiny_base] building the tiny Sokoban base model -> {path}", file=sys.stderr)
@@ -439,6 +443,22 @@ def copy_rate(model, tokenizer, levels, skills, max_turns) -> tuple:
             picked = [es.ACTION_NAMES.index(m) for m in moves[:len(pos)]]
             out += probs[torch.arange(len(pos)), picked].tolist()
     return 100 * float(np.mean(teacher)), 100 * float(np.mean(student))
+
+
+def damaged(path: str) -> str:
+    """What is wrong with a cached organism folder ("" when nothing): a missing file or a weights file whose header
+    or size is inconsistent (a truncated copy)."""
+    from safetensors import safe_open
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        if not os.path.exists(os.path.join(path, name)):
+            return f"{name} is missing"
+    try:
+        with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
+            for key in f.keys():
+                f.get_slice(key)
+    except Exception as err:  # noqa: BLE001 - any unreadable weights file is "damaged"
+        return f"model.safetensors: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    return ""
 
 
 def resolve(name: str) -> str:

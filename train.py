@@ -69,9 +69,10 @@ import loss as loss_lib
 import model as model_lib
 import report
 import rule_skills
+import run_folder
 import skills as skills_lib
 import tiny_base
-from common import Env, append_jsonl, flag, make_env, parse_flags, read_jsonl, task_key
+from common import Env, append_jsonl, episode_failed, flag, make_env, parse_flags, read_jsonl, require, task_key
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -120,6 +121,9 @@ class TrainConfig:
                               "(paper: no KL-to-reference term)")
     sdl_mask: str = flag("all", "all (paper: L_SDL on every token that has a teacher) | covered (only on turns whose "
                                 "state the skill speaks about; Sokoban, skill teachers)")
+    collapse_guard: bool = flag(False, "when format errors reach --guard-format-rate or the collapse monitor fires, roll "
+                                       "back to the last healthy checkpoint and go on at half the learning rate")
+    guard_format_rate: float = flag(0.2, "--collapse-guard: the share of invalid turns in an iteration that trips it")
     # skills
     summarizer: str = flag("auto", "auto | rule | policy | model | http (choice 1)")
     summarizer_model: str = flag("", "HF id/path of a separate summariser model (--summarizer model)")
@@ -136,7 +140,9 @@ class TrainConfig:
     eval_temperature: float = flag(0.0, "0 = greedy (paper); > 0 samples (use with --eval-samples for s.e.)")
     eval_tasks: int = flag(0, "evaluate on the first k test tasks; 0 = all (paper: 64 Sokoban, 57 AppWorld)")
     save_every: int = flag(20, "checkpoint every k iterations (and at the end)")
-    resume: str = flag("", "run directory to continue from its last checkpoint")
+    resume: str = flag("", "run directory to continue from its last checkpoint (the same run: only the flags in "
+                           "RESUMABLE may change)")
+    overwrite: bool = flag(False, "start a new run in a --run-dir that holds another run's files (they are removed)")
     # devices
     device: str = flag("", "cpu | cuda | mps; default: best available")
     threads: int = flag(0, "torch CPU threads during the run (restored after); 0 = leave torch's setting (the tiny "
@@ -172,20 +178,83 @@ def tiny_profile(model: str) -> dict:
     return TINY_PROFILES["tiny-sokoban"] if os.path.basename(model.rstrip("/")).startswith("tiny-sokoban-") else {}
 
 
+# a resumed run is the same run: these flags may change (the run's length, where and how often it writes); any
+# other flag that differs from the saved config is refused, because it would apply only to part of the run
+RESUMABLE = {"iterations", "eval_every", "save_every", "device", "threads", "collapse_stop", "grad_checkpointing",
+             "async_summarizer", "appworld_root", "appworld_slots", "summarizer_url", "resume", "run_dir", "overwrite"}
+
+
 def parse_args(argv=None) -> TrainConfig:
-    """Flags -> a validated TrainConfig: the tiny profile under the given flags, or a resumed run's saved config."""
+    """Flags -> a validated TrainConfig: the tiny profile under the given flags, or a resumed run's saved config with
+    the RESUMABLE flags given now. Every check happens here, before any model is loaded."""
     notes = {k: f"tiny profile: {v!r}" for k, v in TINY_PROFILES["tiny-sokoban"].items()}
     given = parse_flags(TrainConfig, argv, description=__doc__.split("\n")[0], notes=notes)
-    if given.get("resume"):  # a resumed run takes its saved config; flags given now override it
-        path = os.path.join(given["resume"], "config.json")
-        if not os.path.exists(path):
-            raise SystemExit(f"--resume {given['resume']}: no checkpoint found (no config.json there)")
-        saved = json.load(open(path))
-        cfg = TrainConfig(**{**saved, **given, "run_dir": given["resume"]})
+    if given.get("resume"):
+        saved = saved_config(given["resume"])
+        changed = {k: v for k, v in given.items() if k in saved and saved[k] != v and k not in RESUMABLE}
+        if changed:
+            raise SystemExit(f"--resume {given['resume']}: " + ", ".join(
+                f"--{k.replace('_', '-')} {v!r} (the run has {saved[k]!r})" for k, v in changed.items())
+                + ": a resumed run keeps its method, model, environment and hyperparameters; only "
+                + ", ".join(f"--{k.replace('_', '-')}" for k in sorted(RESUMABLE - {"resume", "run_dir", "overwrite"}))
+                + " may change. Start a new run with --run-dir for other settings")
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, "overwrite": False, **given,
+                             "run_dir": given["resume"]})
     else:
         given.setdefault("model", DEFAULT_MODEL.get(given.get("env", "sokoban"), ""))
         cfg = TrainConfig(**{**tiny_profile(given["model"]), **given})
     return validate(cfg)
+
+
+def saved_config(run_dir: str) -> dict:
+    """A run's config.json; when it is damaged, the copy every checkpoint's trainer_state.pt keeps (with a warning)."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path) and not run_folder.checkpoints(run_dir):
+        raise SystemExit(f"--resume {run_dir}: no run there (no config.json and no checkpoint)")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        if isinstance(saved, dict):
+            return saved
+        problem = "it is not a JSON object"
+    except (OSError, ValueError) as err:
+        problem = f"{type(err).__name__}: {err}"
+    for ckpt in run_folder.checkpoints(run_dir):
+        try:
+            saved = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)["config"]
+            run_folder.warn(f"{path} cannot be read ({problem}); using the config saved in {ckpt}/trainer_state.pt")
+            return saved
+        except Exception:  # noqa: BLE001 - a damaged trainer state: try the older checkpoint
+            continue
+    raise SystemExit(f"--resume {run_dir}: {path} cannot be read ({problem}) and no checkpoint holds a config; "
+                     f"start again with --overwrite")
+
+
+def _at_least(lo):
+    return lambda v: v >= lo, f">= {lo}"
+
+
+# flag -> (test, what it must be): every numeric flag's valid range (NaN fails every test)
+RANGES = {
+    "iterations": _at_least(1), "tasks_per_iter": _at_least(1), "group_size": (lambda v: v >= 2, ">= 2 (GRPO "
+    "normalises within a group)"), "max_turns": _at_least(1), "max_new_tokens": _at_least(1),
+    "temperature": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 = greedy)"),
+    "format_penalty": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    "lr": (lambda v: 0 < v < math.inf, "a finite number > 0"), "weight_decay": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "grad_clip": (lambda v: 0 < v < math.inf, "a finite number > 0"), "mini_batches": _at_least(1),
+    "epochs": _at_least(1), "micro_batch_size": _at_least(0),
+    "clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"), "clip_high": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "lam": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (a negative λ pushes away from the teacher)"),
+    "lam_warmdown": (lambda v: v >= 0, ">= 0: the iteration at which λ reaches 0 (0 = off)"),
+    "ref_kl": (lambda v: 0 <= v < math.inf, "a finite β >= 0 (0 = off)"), "skills_per_group": _at_least(0),
+    "bank_capacity": _at_least(1), "ucb_c": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    "eval_every": _at_least(0), "train_tasks": _at_least(0), "eval_samples": _at_least(1),
+    "eval_temperature": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 = greedy)"),
+    "eval_tasks": _at_least(0), "save_every": _at_least(0), "seed": _at_least(0), "threads": _at_least(0),
+    "appworld_slots": _at_least(0),
+}
+MAX_EPISODES_PER_ITERATION = 4096   # tasks x G live in memory at once (episodes and ledgers): refuse a typo early
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -198,21 +267,31 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"--{key.replace('_', '-')} {getattr(cfg, key)!r}: choose one of {allowed}")
+    require(cfg, RANGES)
+    if cfg.tasks_per_iter * cfg.group_size > MAX_EPISODES_PER_ITERATION:
+        raise SystemExit(f"--tasks-per-iter {cfg.tasks_per_iter} x --group-size {cfg.group_size} = "
+                         f"{cfg.tasks_per_iter * cfg.group_size} episodes per iteration: at most "
+                         f"{MAX_EPISODES_PER_ITERATION} (all of them are in memory at once)")
+    if cfg.skills_per_group > cfg.group_size:
+        raise SystemExit(f"--skills-per-group {cfg.skills_per_group}: at most --group-size ({cfg.group_size})")
+    if cfg.teacher_weights == "frozen" and (cfg.teacher_context or METHOD_CONTEXT[cfg.method]) == "none":
+        raise SystemExit(f"--teacher-weights frozen: --method {cfg.method} has no teacher, so a frozen one would "
+                         f"change nothing; drop the flag or use --method skill-sd / opd")
+    if cfg.summarizer == "http" and not cfg.summarizer_url:
+        raise SystemExit("--summarizer http needs --summarizer-url (an OpenAI-compatible base URL)")
+    if cfg.summarizer == "model" and not cfg.summarizer_model:
+        raise SystemExit("--summarizer model needs --summarizer-model <HF id or path>")
+    if cfg.resume and cfg.overwrite:
+        raise SystemExit("--resume continues a run and --overwrite replaces it: give one of them")
     if not cfg.teacher_context:
         cfg.teacher_context = METHOD_CONTEXT[cfg.method]
     if cfg.rollout_by == "teacher" and (cfg.teacher_context == "none" or cfg.method == "skill-grpo"):
         raise SystemExit("--rollout-by teacher needs a teacher that samples: use --method skill-sd or opd")
-    if cfg.ref_kl < 0:
-        raise SystemExit(f"--ref-kl {cfg.ref_kl}: β must be ≥ 0 (0 = off)")
     if cfg.ref_kl > 0 and cfg.rollout_by == "teacher":
         raise SystemExit("--ref-kl is defined for on-policy runs only (the student samples); drop --rollout-by teacher")
-    if cfg.lam_warmdown < 0:
-        raise SystemExit(f"--lam-warmdown {cfg.lam_warmdown}: give the iteration at which λ reaches 0 (0 = off)")
     if cfg.sdl_mask == "covered" and (cfg.env != "sokoban" or cfg.teacher_context != "skill"):
         raise SystemExit("--sdl-mask covered needs --env sokoban and a skill teacher (--method skill-sd): coverage is "
                          "read from the player's cell, which the Sokoban skills key their advice by")
-    if cfg.group_size < 2:
-        raise SystemExit("--group-size must be at least 2 (GRPO normalises within a group)")
     if cfg.micro_batch_size <= 0:
         cfg.micro_batch_size = 1 if model_lib.pick_device(cfg.device).type == "cpu" else 8
     if cfg.summarizer == "auto":
@@ -323,6 +402,9 @@ class Run:
     gen: torch.Generator              # rollout sampling
     sampling: model_lib.SamplingConfig
     start_it: int = 0
+    changes: dict = None              # a resume: {flag: [saved, now]} for the flags it changed (history.jsonl)
+    rollbacks: int = 0                # --collapse-guard: roll-backs so far
+    skips_in_a_row: int = 0           # optimizer steps skipped one after another (the non-finite guard)
 
 
 def make_summarizer(cfg: TrainConfig, model, tokenizer) -> skills_lib.AsyncSummarizer:
@@ -330,14 +412,10 @@ def make_summarizer(cfg: TrainConfig, model, tokenizer) -> skills_lib.AsyncSumma
         inner = rule_skills.rule_summarizer(cfg.env)
     elif cfg.summarizer in ("policy", "model"):
         if cfg.summarizer == "model":
-            if not cfg.summarizer_model:
-                raise SystemExit("--summarizer model needs --summarizer-model <HF id or path>")
             model, tokenizer = model_lib.load(tiny_base.resolve(cfg.summarizer_model))
         greedy = model_lib.SamplingConfig(temperature=0.0, max_new_tokens=512)
         inner = skills_lib.LLMSummarizer(lambda chats: model_lib.complete(model, tokenizer, chats, greedy))
     else:
-        if not cfg.summarizer_url:
-            raise SystemExit("--summarizer http needs --summarizer-url (an OpenAI-compatible base URL)")
         inner = skills_lib.HTTPSummarizer(cfg.summarizer_url, cfg.summarizer_name or "default")
     # the policy summariser shares the weights being trained, so it never runs in a thread (choice 2)
     synchronous = not cfg.async_summarizer or cfg.summarizer in ("rule", "policy")
@@ -349,11 +427,11 @@ def setup(cfg: TrainConfig, arm: Arm) -> Run:
     checkpoint with --resume (log lines written after it are dropped)."""
     torch.manual_seed(cfg.seed)
     device = model_lib.pick_device(cfg.device)
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    ckpt = checkpoint_dir(cfg.run_dir) if cfg.resume else None
     base_path = tiny_base.resolve(cfg.model)
-    model, tokenizer = model_lib.load(os.path.join(ckpt, "model") if ckpt else base_path, device=device,
-                                      dtype=torch.float32)
+    if cfg.resume:
+        model, tokenizer, state, bank = latest_checkpoint(cfg.run_dir, device)
+    else:
+        (model, tokenizer), state, bank = model_lib.load(base_path, device=device, dtype=torch.float32), None, None
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
     # θ₀, reloaded from the base model (not from the checkpoint): the frozen teacher and the --ref-kl reference
@@ -365,15 +443,20 @@ def setup(cfg: TrainConfig, arm: Arm) -> Run:
     train_pool = env.train_tasks[: cfg.train_tasks] if cfg.train_tasks else env.train_tasks
     run = Run(cfg, arm, device, model, tokenizer, base_model,
               torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay),
-              env, skills_lib.SkillBank(capacity=cfg.bank_capacity, c=cfg.ucb_c),
+              env, bank or skills_lib.SkillBank(capacity=cfg.bank_capacity, c=cfg.ucb_c),
               make_summarizer(cfg, model, tokenizer),
               Curriculum(train_pool, enabled=cfg.curriculum and cfg.env == "sokoban"), CollapseMonitor(),
               np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed),
               model_lib.SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens))
-    if ckpt:
-        load_checkpoint(run, ckpt)
-    with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+    if state is not None:
+        restore_state(run, state)
+        saved = saved_config(cfg.run_dir)
+        run.changes = {k: [saved.get(k), v] for k, v in dataclasses.asdict(cfg).items()
+                       if saved.get(k) != v and k not in ("resume", "overwrite")}
+    tmp = os.path.join(cfg.run_dir, "config.json.tmp")
+    with open(tmp, "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
+    os.replace(tmp, os.path.join(cfg.run_dir, "config.json"))
     return run
 
 
@@ -417,6 +500,7 @@ class Batch:
     rewards: torch.Tensor = None      # (B,) phase 5
     adv: torch.Tensor = None          # (B,)
     zero_var: int = 0                 # groups whose rewards are all equal
+    failed: list = None               # per row: the environment failed to play it (dropped from the update)
     has_teacher: torch.Tensor = None  # (B,) 1 where a teacher scores the row
     mask: torch.Tensor = None         # (B, T) trainable (policy-sampled) tokens
     sdl_mask: torch.Tensor = None     # (B, T) trainable tokens that have a teacher (and, --sdl-mask covered, a cover)
@@ -469,8 +553,11 @@ def roll_out(run: Run, batch: Batch) -> None:
     # the student is scored under the prompt it sampled under (in the ledger), or the plain one off-policy
     batch.student_prompts = [l.ids[: l.prompt_len] for l in batch.ledgers] if run.arm.sampler == "student" else \
         [model_lib.encode_prompt(run.tokenizer, m) for m in batch.plain]
-    batch.rewards = torch.tensor([ep.result()["reward"] for ep in batch.episodes], dtype=torch.float32)  # (B,)
-    adv, batch.zero_var = loss_lib.group_advantages(batch.rewards, run.cfg.group_size)           # (B,), int
+    results = [ep.result() for ep in batch.episodes]
+    batch.rewards = torch.tensor([r["reward"] for r in results], dtype=torch.float32)                # (B,)
+    batch.failed = [episode_failed(r) for r in results]
+    adv, batch.zero_var = loss_lib.group_advantages(batch.rewards, run.cfg.group_size,
+                                                    valid=[not f for f in batch.failed])         # (B,), int
     batch.adv = adv.to(run.device)
 
 
@@ -479,9 +566,10 @@ def score_teacher(run: Run, batch: Batch) -> None:
     the prompt with the block (θ_old, or θ₀ frozen); rows without a block keep logp_old and are masked out of L_SDL."""
     cfg, arm, model, ledgers = run.cfg, run.arm, run.model, batch.ledgers
     teacher = run.base_model if arm.frozen_teacher else model          # phase 1: θ̄ = θ_old is `model` itself
-    batch.has_teacher = torch.tensor([c is not None and arm.teacher for c in batch.contexts], dtype=torch.float32,
-                                     device=run.device)                                       # (B,)
-    batch.mask = model_lib.trainable_mask(ledgers, run.device)                                             # (B, T)
+    batch.has_teacher = torch.tensor([c is not None and arm.teacher and not f for c, f in
+                                      zip(batch.contexts, batch.failed)], dtype=torch.float32, device=run.device)
+    batch.mask = model_lib.trainable_mask(ledgers, run.device)                                # (B, T)
+    batch.mask[[b for b, f in enumerate(batch.failed) if f]] = 0.0   # failed episodes: dropped from the update
     batch.sdl_mask = batch.mask * batch.has_teacher[:, None]                                  # (B, T)
     teacher_prompts = [model_lib.encode_prompt(run.tokenizer, skills_lib.with_skill(m, c.text, header=c.header)
                                                if c else m) for m, c in zip(batch.plain, batch.contexts)]
@@ -541,12 +629,17 @@ def covered_tokens(ledgers, tokenizer, skill_texts, covers, device) -> torch.Ten
     return out
 
 
-def ppo_update(run: Run, batch: Batch, lam: float) -> dict:
+MAX_SKIPS_IN_A_ROW = 3   # the non-finite guard stops the run after this many skipped optimizer steps in a row
+
+
+def ppo_update(run: Run, batch: Batch, lam: float, iteration: int | None = None) -> dict:
     """Phase 7: mini-batch steps on w_grpo·L_GRPO + w_sdl·L_SDL (+ β·KL to θ₀ with --ref-kl), gradient accumulation
-    over micro-batches; both terms share the token-mean normaliser N of the mini-batch (loss.py, choice 1)."""
+    over micro-batches; both terms share the token-mean normaliser N of the mini-batch (loss.py, choice 1). The
+    non-finite guard skips a step whose loss or gradient is not finite, undoes one that left non-finite weights, says
+    so, and stops the run after MAX_SKIPS_IN_A_ROW skips in a row."""
     cfg, model, optimizer = run.cfg, run.model, run.optimizer
     weights = (1.0 if run.arm.grpo else 0.0, run.arm.sdl_weight(lam))
-    stats = {"loss_grpo": [], "loss_sdl": [], "grad_norm": [], "skipped_steps": 0}
+    stats = {"loss_grpo": [], "loss_sdl": [], "grad_norm": [], "skipped_steps": 0, "skip_causes": []}
     if batch.logp_ref is not None:
         stats["loss_ref_kl"] = []
     diag = []
@@ -557,33 +650,73 @@ def ppo_update(run: Run, batch: Batch, lam: float) -> dict:
             if n_tokens == 0:
                 continue
             optimizer.zero_grad(set_to_none=True)
-            sums, finite = {"grpo": 0.0, "sdl": 0.0, "ref_kl": 0.0}, True
+            sums, cause = {"grpo": 0.0, "sdl": 0.0, "ref_kl": 0.0}, None
             for start in range(0, len(mb), cfg.micro_batch_size):
                 rows = mb[start: start + cfg.micro_batch_size]
                 terms, d = micro_batch_losses(run, batch, rows, n_tokens, weights)
                 total = sum(w * l for w, l in terms.values() if w)        # Eq. 14 (weights from the arm)
                 if not torch.isfinite(total):
-                    finite = False
+                    cause = "non-finite loss (" + ", ".join(f"{k} {l.item():.3g}" for k, (_, l) in terms.items()) + ")"
                     break
                 total.backward()
                 for name, (_, l) in terms.items():
                     sums[name] += l.item()
                 diag.append(d)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if not finite or not torch.isfinite(grad_norm):
-                optimizer.zero_grad(set_to_none=True)                      # guard: skip the step, log it
-                stats["skipped_steps"] += 1
+            if cause is None and not torch.isfinite(grad_norm):
+                cause = f"non-finite gradient norm ({float(grad_norm)})"
+            if cause is None:
+                optimizer.step()
+                if not weights_finite(model):
+                    cause = "non-finite weights after the step (undone: the last checkpoint's weights are restored)"
+                    restore_weights(run)
+            if cause is not None:
+                optimizer.zero_grad(set_to_none=True)
+                skip_step(run, stats, cause, iteration)
                 continue
-            optimizer.step()
+            run.skips_in_a_row = 0
             for name in ("grpo", "sdl", "ref_kl"):
                 if f"loss_{name}" in stats:
                     stats[f"loss_{name}"].append(sums[name])
             stats["grad_norm"].append(float(grad_norm))
-    out = {k: (float(np.mean(v)) if v else float("nan")) if isinstance(v, list) else v for k, v in stats.items()}
+    out = {k: (float(np.mean(v)) if v else float("nan")) if isinstance(v, list) and k != "skip_causes" else v
+           for k, v in stats.items()}
     for key in (diag[0] if diag else {}):
         vals = [d[key] for d in diag if d.get(key) is not None and not math.isnan(d[key])]
         out[key] = max(vals) if key.endswith("max") else (float(np.mean(vals)) if vals else float("nan"))
     return out
+
+
+def skip_step(run: Run, stats: dict, cause: str, iteration: int | None) -> None:
+    """The guard's bookkeeping: count, say and log a skipped step; stop after MAX_SKIPS_IN_A_ROW in a row."""
+    stats["skipped_steps"] += 1
+    stats["skip_causes"].append(cause)
+    run.skips_in_a_row += 1
+    tqdm.write(f"[guard] iteration {iteration}: optimizer step skipped: {cause}")
+    if run.skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
+        raise SystemExit(f"[guard] {run.skips_in_a_row} optimizer steps in a row were skipped (last: {cause}); the "
+                         f"run stops at iteration {iteration}. Its last checkpoint is intact: lower --lr or --lam and "
+                         f"start again, or --resume {run.cfg.run_dir} if the cause was transient")
+
+
+def weights_finite(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def restore_weights(run: Run) -> None:
+    """Undo a step that left non-finite weights: the weights and optimizer state of the last checkpoint, or the base
+    weights and a fresh optimizer state when there is none yet (no extra copy of the weights is kept in memory)."""
+    for ckpt in run_folder.checkpoints(run.cfg.run_dir):
+        try:
+            model, _, state, _ = read_checkpoint(ckpt, run.device)
+        except ValueError:
+            continue
+        run.model.load_state_dict(model.state_dict())
+        run.optimizer.load_state_dict(state["optimizer"])
+        return
+    run.model.load_state_dict(model_lib.load(tiny_base.resolve(run.cfg.model), device=run.device,
+                                             dtype=torch.float32)[0].state_dict())
+    run.optimizer.state.clear()
 
 
 def micro_batch_losses(run: Run, batch: Batch, rows, n_tokens: float, weights: tuple) -> tuple[dict, dict]:
@@ -618,7 +751,8 @@ def summary_requests(run: Run, batch: Batch) -> list:
     for g in range(0, len(batch.episodes), G):
         group = batch.episodes[g: g + G]
         for i in sorted(run.rng.choice(len(group), size=min(k, len(group)), replace=False)):
-            reqs.append(skills_lib.SummaryRequest.from_episode(run.cfg.env, group[i]))
+            if not batch.failed[g + i]:                   # a failed episode's trajectory is not the policy's
+                reqs.append(skills_lib.SummaryRequest.from_episode(run.cfg.env, group[i]))
     return reqs
 
 
@@ -629,8 +763,9 @@ def summarise_and_credit(run: Run, batch: Batch, chosen: dict, it: int) -> None:
     rewards = batch.rewards.tolist()
     for tid, hit in chosen.items():
         if hit and hit.skill_id is not None:
-            group = [r for t, r in zip(batch.tasks, rewards) if task_key(t) == tid]
-            run.bank.update(tid, hit.skill_id, float(np.mean(group)))
+            group = [r for t, r, f in zip(batch.tasks, rewards, batch.failed) if task_key(t) == tid and not f]
+            if group:
+                run.bank.update(tid, hit.skill_id, float(np.mean(group)))
 
 
 def log_iteration(run: Run, batch: Batch, upd: dict, it: int, lam: float, times: dict) -> dict:
@@ -648,7 +783,9 @@ def log_iteration(run: Run, batch: Batch, upd: dict, it: int, lam: float, times:
     in_prompt = run.arm.sample_with_context and run.arm.sampler == "student"   # the student sees the block
     row = {"iteration": it + 1, "reward": float(batch.rewards.mean()), "acc": success,
            "comp": float(np.mean([r["completion"] for r in results])), **upd, **batch.coverage, "lam": lam,
+           "lr": run.optimizer.param_groups[0]["lr"],
            "zero_var_groups": batch.zero_var, "groups": len(batch.tasks) // cfg.group_size,
+           "dropped_episodes": sum(batch.failed),
            "format_error_rate": fmt_rate,
            "teacher_task_frac": float(batch.has_teacher.mean()),
            "skill_in_prompt_frac": float(np.mean([c is not None for c in batch.contexts])) if in_prompt else 0.0,
@@ -676,42 +813,64 @@ def run_eval(run: Run, iteration: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: HF weights + optimizer + skill bank + RNG states + iteration, written atomically
+# Checkpoints: HF weights + optimizer + skill bank + RNG states + iteration, written atomically (run_folder.py)
 
 def save_checkpoint(run: Run, iteration: int) -> None:
     for new in run.summarizer.collect(wait=True):     # pending skills belong in the checkpoint
         run.bank.add(*new)
     state = {"iteration": iteration, "rng": rng_state(run.rng, run.gen), "curriculum": run.curriculum.state(),
-             "monitor": run.monitor.state(), "config": dataclasses.asdict(run.cfg)}
-    final, tmp, old = (os.path.join(run.cfg.run_dir, n) for n in ("ckpt", "ckpt.tmp", "ckpt.old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    run.model.save_pretrained(os.path.join(tmp, "model"))        # loadable by plain AutoModelForCausalLM
-    run.tokenizer.save_pretrained(os.path.join(tmp, "model"))
-    run.bank.save(os.path.join(tmp, "skill_bank.json"))
-    torch.save({"optimizer": run.optimizer.state_dict(), **state}, os.path.join(tmp, "trainer_state.pt"))
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(final):
-        os.replace(final, old)            # the last good checkpoint survives a crash between these two renames
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+             "monitor": run.monitor.state(), "config": dataclasses.asdict(run.cfg), "rollbacks": run.rollbacks}
+
+    def fill(folder):
+        run.model.save_pretrained(os.path.join(folder, "model"))        # loadable by plain AutoModelForCausalLM
+        run.tokenizer.save_pretrained(os.path.join(folder, "model"))
+        run.bank.save(os.path.join(folder, "skill_bank.json"))
+        torch.save({"optimizer": run.optimizer.state_dict(), **state}, os.path.join(folder, "trainer_state.pt"))
+    run_folder.write_checkpoint(run.cfg.run_dir, fill)
 
 
-def checkpoint_dir(run_dir: str) -> str:
-    for name in ("ckpt", "ckpt.old"):
-        path = os.path.join(run_dir, name)
-        if os.path.exists(os.path.join(path, "trainer_state.pt")):
-            return path
-    raise SystemExit(f"--resume {run_dir}: no checkpoint found (expected {run_dir}/ckpt/trainer_state.pt)")
+def read_checkpoint(ckpt: str, device) -> tuple:
+    """(model, tokenizer, trainer state, bank) of one checkpoint folder; an error names the file that failed."""
+    try:
+        model, tokenizer = model_lib.load(os.path.join(ckpt, "model"), device=device, dtype=torch.float32)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"model/: {str(err).splitlines()[0]}") from None
+    try:
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+        state["optimizer"], state["iteration"], state["rng"]                         # noqa: B018 - the keys exist
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"trainer_state.pt: {type(err).__name__}: {err}") from None
+    try:
+        bank = skills_lib.SkillBank.load(os.path.join(ckpt, "skill_bank.json"))
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"skill_bank.json: {type(err).__name__}: {err}") from None
+    return model, tokenizer, state, bank
 
 
-def load_checkpoint(run: Run, ckpt: str) -> None:
-    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+def latest_checkpoint(run_dir: str, device) -> tuple:
+    """The newest checkpoint that loads (ckpt/, else ckpt.prev/ with a warning that says what was wrong)."""
+    problems = []
+    for ckpt in run_folder.checkpoints(run_dir):
+        try:
+            loaded = read_checkpoint(ckpt, device)
+        except ValueError as err:
+            problems.append(f"{ckpt}/{err}")
+            continue
+        if problems:
+            run_folder.warn(f"{'; '.join(problems)}: resuming from {ckpt} (iteration {loaded[2]['iteration']}) "
+                            f"instead; the iterations after it are run again")
+        return loaded
+    raise SystemExit(f"--resume {run_dir}: no checkpoint can be loaded"
+                     + (f" ({'; '.join(problems)})" if problems else f" (no {run_dir}/ckpt/trainer_state.pt)")
+                     + "; start again with --overwrite")
+
+
+def restore_state(run: Run, state: dict) -> None:
     run.optimizer.load_state_dict(state["optimizer"])
-    run.bank = skills_lib.SkillBank.load(os.path.join(ckpt, "skill_bank.json"))
     run.curriculum.load(state["curriculum"])
     set_rng_state(run.rng, run.gen, state["rng"])
     run.monitor.load(state["monitor"])
-    run.start_it = state["iteration"]
+    run.start_it, run.rollbacks = state["iteration"], state.get("rollbacks", 0)
     for name in ("log.jsonl", "eval.jsonl"):   # drop log lines written after the checkpoint (a crashed tail)
         path = os.path.join(run.cfg.run_dir, name)
         rows = [r for r in read_jsonl(path) if r["iteration"] <= run.start_it]
@@ -734,43 +893,125 @@ def set_rng_state(rng, gen, s: dict) -> None:
 
 def train(cfg: TrainConfig) -> dict:
     arm = resolve_arm(cfg)
-    with cpu_threads(cfg.threads):
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    # the run seeds torch's global RNG: inside fork_rng, so the caller's RNG state (a notebook's) is left as it was
+    with cpu_threads(cfg.threads), torch.random.fork_rng(devices=devices), \
+            run_folder.claim(cfg.run_dir, resume=bool(cfg.resume), overwrite=cfg.overwrite):
         run = setup(cfg, arm)
-        n_params = sum(p.numel() for p in run.model.parameters())
-        print(f"[train] {cfg.method} on {cfg.env} | model {cfg.model} ({n_params / 1e6:.2f}M params) on {run.device} | "
-              f"{cfg.tasks_per_iter} tasks x G={cfg.group_size} | λ={cfg.lam} | run dir {cfg.run_dir}")
-        if run.start_it == 0:
-            base = run_eval(run, 0)
-            print(f"[eval] base: Acc {100 * base['acc']:.1f}%  Comp {100 * base['comp']:.1f}%")
-        bar = tqdm(range(run.start_it, cfg.iterations), initial=run.start_it, total=cfg.iterations, desc=cfg.method)
-        last, collapse = {}, ""
-        for it in bar:
-            times, lam = {}, lam_at(cfg, it)
-            # 1. sync the teacher: the dynamic teacher IS `model` until this iteration's first optimizer step
-            batch = pick_tasks(run)                                                              # 2. tasks
-            chosen = retrieve_contexts(run, batch)                                               # 3. skills
-            with timed(times, "rollout"):
-                roll_out(run, batch)                                                             # 4-5. rollouts
-            with timed(times, "teacher"):
-                score_teacher(run, batch)                                                        # 6. teacher
-            with timed(times, "update"):
-                upd = ppo_update(run, batch, lam)                                                # 7. update
-            with timed(times, "summarize"):
-                summarise_and_credit(run, batch, chosen, it)                                     # 8. skills
-            last = log_iteration(run, batch, upd, it, lam, times)                                # 9. log
-            bar.set_postfix(R=f"{last['reward']:.2f}", acc=f"{last['acc']:.2f}", sdl=f"{upd['loss_sdl']:.3g}",
-                            bank=last["bank"].get("skills", 0))
-            collapse = last["collapse"]
-            if (cfg.save_every and (it + 1) % cfg.save_every == 0) or it + 1 == cfg.iterations:
-                save_checkpoint(run, it + 1)
-            if collapse and cfg.collapse_stop:
-                tqdm.write("[collapse] stopping (--collapse-stop)")
-                break
-        final = run_eval(run, cfg.iterations if not (collapse and cfg.collapse_stop) else last.get("iteration", 0))
-        run.summarizer.close()
-        run.env.close()
+        try:
+            return train_loop(run)
+        except KeyboardInterrupt:
+            done = run_folder.checkpoints(cfg.run_dir)
+            raise SystemExit("[train] interrupted; " + (f"continue from the last checkpoint with `python train.py "
+                             f"--resume {cfg.run_dir}`" if done else "no checkpoint was written yet: start again "
+                             "with --overwrite")) from None
+        finally:
+            run.summarizer.close()
+            run.env.close()
+
+
+def train_loop(run: Run) -> dict:
+    cfg = run.cfg
+    if run.start_it >= cfg.iterations:
+        print(f"[train] {cfg.run_dir} is finished ({run.start_it} of {cfg.iterations} iterations): nothing to do; "
+              f"--resume {cfg.run_dir} --iterations N with N > {cfg.iterations} trains it further")
+        evals = read_jsonl(os.path.join(cfg.run_dir, "eval.jsonl"))
+        return {"train": {}, "eval": evals[-1] if evals else {}}
+    run_folder.record(cfg.run_dir, "resume" if cfg.resume else "start", iteration=run.start_it,
+                      **({"changed": run.changes} if cfg.resume else {"config": dataclasses.asdict(cfg)}))
+    n_params = sum(p.numel() for p in run.model.parameters())
+    print(f"[train] {cfg.method} on {cfg.env} | model {cfg.model} ({n_params / 1e6:.2f}M params) on {run.device} | "
+          f"{cfg.tasks_per_iter} tasks x G={cfg.group_size} | λ={cfg.lam} | run dir {cfg.run_dir}")
+    if run.start_it == 0:
+        base = run_eval(run, 0)
+        print(f"[eval] base: Acc {100 * base['acc']:.1f}%  Comp {100 * base['comp']:.1f}%")
+    if cfg.collapse_guard and not run_folder.checkpoints(cfg.run_dir):
+        save_checkpoint(run, run.start_it)                      # the first healthy checkpoint: the base itself
+        keep_healthy(run)
+    bar = tqdm(total=cfg.iterations, initial=run.start_it, desc=cfg.method)
+    last, collapse, it = {}, "", run.start_it
+    while it < cfg.iterations:
+        times, lam = {}, lam_at(cfg, it)
+        # 1. sync the teacher: the dynamic teacher IS `model` until this iteration's first optimizer step
+        batch = pick_tasks(run)                                                              # 2. tasks
+        chosen = retrieve_contexts(run, batch)                                               # 3. skills
+        with timed(times, "rollout"):
+            roll_out(run, batch)                                                             # 4-5. rollouts
+        with timed(times, "teacher"):
+            score_teacher(run, batch)                                                        # 6. teacher
+        with timed(times, "update"):
+            upd = ppo_update(run, batch, lam, iteration=it + 1)                              # 7. update
+        with timed(times, "summarize"):
+            summarise_and_credit(run, batch, chosen, it)                                     # 8. skills
+        last = log_iteration(run, batch, upd, it, lam, times)                                # 9. log
+        bar.update(1)
+        bar.set_postfix(R=f"{last['reward']:.2f}", acc=f"{last['acc']:.2f}", sdl=f"{upd['loss_sdl']:.3g}",
+                        bank=last["bank"].get("skills", 0))
+        collapse, it = last["collapse"], it + 1
+        if cfg.collapse_guard and guard_trips(cfg, last):      # labelled variant: back to health, half the lr
+            it = roll_back(run, last)
+            bar.n = it
+            continue
+        if (cfg.save_every and it % cfg.save_every == 0) or it == cfg.iterations:
+            save_checkpoint(run, it)
+            if cfg.collapse_guard:
+                keep_healthy(run)
+        if collapse and cfg.collapse_stop:
+            tqdm.write("[collapse] stopping (--collapse-stop)")
+            break
+    bar.close()
+    final = run_eval(run, cfg.iterations if not (collapse and cfg.collapse_stop) else last.get("iteration", 0))
     print(report.final_table(cfg.run_dir))
     return {"train": last, "eval": final}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The collapse guard (labelled variant, not the paper: METHOD.md §10)
+
+MAX_ROLLBACKS = 3
+
+
+def guard_trips(cfg: TrainConfig, row: dict) -> str:
+    """Why this iteration's log row trips the guard ("" if it does not)."""
+    if row["format_error_rate"] >= cfg.guard_format_rate:
+        return f"format errors {row['format_error_rate']:.0%} of turns (threshold {cfg.guard_format_rate:.0%})"
+    return row["collapse"]
+
+
+def keep_healthy(run: Run) -> None:
+    """Copy the checkpoint just written to ckpt.healthy (the guard's roll-back target) when the run is healthy: the
+    last MAX(5, save_every) iterations did not trip the guard."""
+    rows = read_jsonl(os.path.join(run.cfg.run_dir, "log.jsonl"))[-max(5, run.cfg.save_every):]
+    if any(guard_trips(run.cfg, r) for r in rows):
+        return
+    src, dst = os.path.join(run.cfg.run_dir, "ckpt"), os.path.join(run.cfg.run_dir, "ckpt.healthy")
+    shutil.rmtree(dst + ".tmp", ignore_errors=True)
+    shutil.copytree(src, dst + ".tmp")
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(dst + ".tmp", dst)
+
+
+def roll_back(run: Run, row: dict) -> int:
+    """Restore the healthy checkpoint (weights, optimizer, bank, RNGs, logs after it dropped) and halve the learning
+    rate; return the iteration to go on from. The run stops after MAX_ROLLBACKS roll-backs."""
+    cfg, why = run.cfg, guard_trips(run.cfg, row)
+    if run.rollbacks >= MAX_ROLLBACKS:
+        raise SystemExit(f"[guard] iteration {row['iteration']}: {why}, after {run.rollbacks} roll-backs already; "
+                         f"the run stops (its checkpoints are intact)")
+    lr = run.optimizer.param_groups[0]["lr"]
+    model, _, state, bank = read_checkpoint(os.path.join(cfg.run_dir, "ckpt.healthy"), run.device)
+    run.model.load_state_dict(model.state_dict())
+    run.bank = bank
+    rollbacks = run.rollbacks + 1
+    restore_state(run, state)
+    run.rollbacks = rollbacks
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr / 2
+    tqdm.write(f"[guard] iteration {row['iteration']}: {why}: rolled back to iteration {run.start_it}, lr {lr:g} -> "
+               f"{lr / 2:g} (roll-back {rollbacks} of at most {MAX_ROLLBACKS})")
+    run_folder.record(cfg.run_dir, "guard", iteration=row["iteration"], back_to=run.start_it, reason=why,
+                      lr=[lr, lr / 2])
+    return run.start_it
 
 
 @contextmanager

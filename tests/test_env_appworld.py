@@ -588,3 +588,11 @@ def test_train_runs_two_iterations_on_the_fake_server(fake_bin, fake_root, tmp_p
     assert rows[1]["bank"]["skills"] >= 1 and all(math.isfinite(r["loss_grpo"]) for r in rows)
     assert all(e["tasks"] == 1 and {"TGC", "SGC", "by_difficulty"} <= set(e) for e in evals)
     assert evals[-1]["TGC"] == 100 * evals[-1]["acc"]            # one dev task: TGC is its success, in percent
+
+
+def test_the_env_restores_the_signal_handlers_it_installed(fake_bin, fake_root):
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    env = make_fake_env(fake_bin, fake_root)
+    assert all(signal.getsignal(sig) is aw._exit_on_signal for sig, h in before.items() if h is signal.SIG_DFL)
+    env.close()
+    assert {sig: signal.getsignal(sig) for sig in before} == before

@@ -420,7 +420,10 @@ def test_unloadable_name_gives_clear_error(monkeypatch):
         with pytest.raises(M.ModelLoadError) as info:
             M.load(name, device="cpu")
         msg = str(info.value)
-        assert name in msg and "huggingface-cli download" in msg and '"tiny"' in msg and "tried:" in msg
+        assert name in msg and '"tiny"' in msg and "tried:" in msg
+        # the advice fits the name: download a hub id; check a local folder (no download of a path)
+        assert ("huggingface-cli download" in msg) == (not name.startswith("/")), msg
+        assert ("check the path" in msg) == name.startswith("/"), msg
         assert info.value.__suppress_context__ and info.value.__cause__ is None
 
 

@@ -323,3 +323,25 @@ def test_teacher_prompt_is_student_prompt_plus_one_block(tiny):
     assert privileged_block(None) is None and privileged_block("  ") is None
     with pytest.raises(ValueError):
         with_skill([{"role": "system", "content": "x"}], skill)
+
+
+def test_a_skill_cut_inside_an_escaped_surrogate_is_valid_text(tiny, tmp_path):
+    """A real model's summary can end inside an escaped emoji ("\\ud83d" without its low half): the parsed skill holds
+    valid text (the half becomes U+FFFD, a complete pair its character), so the bank saves and reloads it and the
+    teacher prompt tokenizes."""
+    from model import encode_prompt
+    cut = '{"success_analysis": "pushed right \\ud83d", "mistake_analysis": "ok \\ud83d\\ude00", "golden_workflow": "1. up'
+    skill = parse_skill(cut)
+    assert skill.success_analysis == "pushed right \ufffd" and skill.mistake_analysis == "ok \U0001F600"
+    raw = Skill("a \ud83d", "b", "c")                      # a Skill built by hand with a lone half
+    bank = SkillBank()
+    assert bank.add("t", skill) and bank.add("t", raw)
+    bank.save(str(tmp_path / "bank.json"))
+    again = SkillBank.load(str(tmp_path / "bank.json"))
+    assert [s.to_prompt() for _, s in again.skills("t")] == [s.to_prompt() for _, s in bank.skills("t")]
+    assert again.skills("t")[1][1].success_analysis == "a \ufffd"
+    _, tok = tiny
+    ids = encode_prompt(tok, with_skill([{"role": "user", "content": "play"}], again.skills("t")[1][1].to_prompt()))
+    assert "\ufffd" in tok.decode(ids)
+    long = Skill("x" * 3000 + "\U0001F600" * 500, "y", "z").to_prompt()       # the cap never splits a character
+    assert len(long) <= MAX_SKILL_CHARS and long.encode("utf-8")

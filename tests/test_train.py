@@ -196,27 +196,69 @@ def test_lam_warmdown_schedule():
     assert train.lam_at(train.parse_args(SMALL + ["--lam", "0.1"]), 39) == 0.1
 
 
+BAD_TRAIN_FLAGS = [   # (flags, the flag the one-line message must name)
+    (["--method", "ppo"], "--method"), (["--env", "chess"], "--env"), (["--preset", "medium"], "--preset"),
+    (["--reward", "x"], "--reward"), (["--teacher-weights", "x"], "--teacher-weights"),
+    (["--rollout-by", "x"], "--rollout-by"), (["--teacher-context", "x"], "--teacher-context"),
+    (["--sdl-mask", "some"], "--sdl-mask"), (["--summarizer", "x"], "--summarizer"),
+    (["--iterations", "0"], "--iterations"), (["--tasks-per-iter", "0"], "--tasks-per-iter"),
+    (["--group-size", "1"], "--group-size"), (["--max-turns", "0"], "--max-turns"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"), (["--temperature", "-1"], "--temperature"),
+    (["--temperature", "nan"], "--temperature"), (["--format-penalty", "-0.1"], "--format-penalty"),
+    (["--lr", "0"], "--lr"), (["--lr", "inf"], "--lr"), (["--lr", "nan"], "--lr"),
+    (["--weight-decay", "-1"], "--weight-decay"), (["--grad-clip", "0"], "--grad-clip"),
+    (["--mini-batches", "0"], "--mini-batches"), (["--epochs", "0"], "--epochs"),
+    (["--micro-batch-size", "-1"], "--micro-batch-size"), (["--clip-low", "1"], "--clip-low"),
+    (["--clip-high", "-0.1"], "--clip-high"), (["--lam", "-1"], "--lam"), (["--lam", "nan"], "--lam"),
+    (["--lam-warmdown", "-5"], "--lam-warmdown"), (["--ref-kl", "-1"], "--ref-kl"),
+    (["--skills-per-group", "-1"], "--skills-per-group"), (["--skills-per-group", "9"], "--skills-per-group"),
+    (["--bank-capacity", "0"], "--bank-capacity"), (["--ucb-c", "-1"], "--ucb-c"),
+    (["--eval-every", "-1"], "--eval-every"), (["--train-tasks", "-1"], "--train-tasks"),
+    (["--eval-samples", "0"], "--eval-samples"), (["--eval-temperature", "-1"], "--eval-temperature"),
+    (["--eval-tasks", "-1"], "--eval-tasks"), (["--save-every", "-1"], "--save-every"), (["--seed", "-1"], "--seed"),
+    (["--threads", "-1"], "--threads"), (["--appworld-slots", "-1"], "--appworld-slots"),
+    (["--tasks-per-iter", "100000"], "--tasks-per-iter"),
+    (["--method", "grpo", "--teacher-weights", "frozen"], "--teacher-weights"),
+    (["--summarizer", "http"], "--summarizer-url"), (["--summarizer", "model"], "--summarizer-model"),
+    (["--ref-kl", "0.1", "--rollout-by", "teacher"], "--ref-kl"), (["--rollout-by", "teacher", "--method", "grpo"],
+                                                                   "--rollout-by"),
+    (["--sdl-mask", "covered", "--method", "grpo"], "--sdl-mask"), (["--resume", "x", "--overwrite"], "--resume"),
+]
+
+
+@pytest.mark.parametrize("flags, named", BAD_TRAIN_FLAGS, ids=[" ".join(f) for f, _ in BAD_TRAIN_FLAGS])
+def test_bad_flags_give_one_clear_line_before_any_model_loads(flags, named, monkeypatch, tmp_path):
+    """Each bad value or combination ends in SystemExit with a one-line message that names the flag (exit status 1),
+    from parse_args alone: nothing is loaded or written."""
+    monkeypatch.setattr(train.model_lib, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    if flags[:2] == ["--resume", "x"]:
+        flags = ["--resume", str(tmp_path), "--overwrite"]
+        (tmp_path / "config.json").write_text(json.dumps({"method": "skill-sd"}))
+    with pytest.raises(SystemExit) as info:
+        train.parse_args(flags)
+    message = info.value.code
+    assert isinstance(message, str) and named in message and "\n" not in message, message
+
+
 def test_bad_flags_give_clear_errors():
-    with pytest.raises(SystemExit, match="--method"):
-        train.parse_args(["--method", "ppo"])
-    with pytest.raises(SystemExit, match="ref-kl"):
-        train.parse_args(["--ref-kl", "-1"])
-    with pytest.raises(SystemExit, match="on-policy"):
-        train.parse_args(["--ref-kl", "0.1", "--rollout-by", "teacher"])
-    with pytest.raises(SystemExit, match="lam-warmdown"):
-        train.parse_args(["--lam-warmdown", "-5"])
-    with pytest.raises(SystemExit, match="sdl-mask"):
-        train.parse_args(["--sdl-mask", "some"])
-    with pytest.raises(SystemExit, match="skill teacher"):
-        train.parse_args(["--sdl-mask", "covered", "--method", "grpo"])
     with pytest.raises(SystemExit, match="--preset 'medium'"):
         eval_lib.main(["--model", "tiny", "--preset", "medium"])
-    with pytest.raises(SystemExit, match="--preset"):
-        train.parse_args(["--preset", "medium"])
-    with pytest.raises(SystemExit, match="group-size"):
-        train.parse_args(["--group-size", "1"])
-    with pytest.raises(SystemExit, match="no checkpoint"):
-        train.train(train.parse_args(["--resume", os.devnull + "-missing-run"]))
+    with pytest.raises(SystemExit, match="no run there"):
+        train.parse_args(["--resume", os.devnull + "-missing-run"])
+
+
+BAD_EVAL_FLAGS = [(["--samples", "0"], "--samples"), (["--split", "foo"], "--split"), (["--env", "x"], "--env"),
+                  (["--temperature", "-1"], "--temperature"), (["--max-turns", "0"], "--max-turns"),
+                  (["--max-new-tokens", "0"], "--max-new-tokens"), (["--batch-size", "0"], "--batch-size"),
+                  (["--seed", "-1"], "--seed"), (["--with-skill", "/no/bank.json"], "--with-skill")]
+
+
+@pytest.mark.parametrize("flags, named", BAD_EVAL_FLAGS, ids=[" ".join(f) for f, _ in BAD_EVAL_FLAGS])
+def test_eval_refuses_bad_flags_before_loading(flags, named, monkeypatch):
+    monkeypatch.setattr(eval_lib.model_lib, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as info:
+        eval_lib.main(["--model", "tiny", *flags])
+    assert isinstance(info.value.code, str) and named in info.value.code
 
 
 def test_eval_is_independent_of_batch_size():
@@ -255,14 +297,14 @@ def spy_run(tmp_path, monkeypatch, name, *extra, iterations=3):
     real = train.ppo_update
     theta0 = model_lib.load("tiny", device="cpu")[0]
 
-    def spy(run, batch, lam):
+    def spy(run, batch, lam, **kw):
         prompts = [model_lib.encode_prompt(run.tokenizer, skills_lib.with_skill(m, c.text, header=c.header) if c else m)
                    for m, c in zip(batch.plain, batch.contexts)]
         with torch.no_grad():
             now = model_lib.score_under_prompt(run.model, batch.ledgers, prompts, trainable_only=True)    # (B, T)
             base = model_lib.score_under_prompt(theta0, batch.ledgers, prompts, trainable_only=True)      # (B, T)
         seen.append((batch, now, base))
-        return real(run, batch, lam)
+        return real(run, batch, lam, **kw)
 
     monkeypatch.setattr(train, "ppo_update", spy)
     run(tmp_path, name, *extra, iterations=iterations)
