@@ -197,7 +197,36 @@ def teacher_gap(model, tokenizer, env: Env, tasks: list, samples: int = 8, tempe
                 "teacher_mismatched_acc": _pct(t_mis), "teacher_gap": (100 * gap, 100 * gap_se),
                 "student_greedy_same_levels": _pct(g_student), "teacher_own_greedy": _pct(g_own),
                 "teacher_format_error_pct": 100 * t_own["format_error_rate"]})
+    out["trainer_pick"] = trainer_pick_gap(run, tasks, eps, samples, sampled, seed, make_skill)
     return out, sub, [own[i] for i in have]
+
+
+def trainer_pick_gap(run, tasks, eps, samples, sampled, seed, make_skill) -> dict:
+    """The teacher the trainer actually uses: each task's `samples` episodes summarised into its bank in order (one
+    training visit), one retrieval by the bank's rule, the teacher with that skill vs fresh student samples, paired by
+    task, overall and by whether the picked skill's episode succeeded; for both --skill-credit rules."""
+    student, _ = run(tasks, samples, sampled, seed + 4)
+    out = {}
+    for k, credit in enumerate(("group", "source")):
+        bank = skills_lib.SkillBank(prior_from_source=credit == "source")
+        for i, task in enumerate(tasks):
+            for ep in eps[i * samples:(i + 1) * samples]:
+                r = ep.result()
+                bank.add(task_key(task), make_skill(ep), {"reward": r["reward"], "success": r["success"]})
+        picks = {task_key(t): bank.retrieve(task_key(t)) for t in tasks}
+        picked = [t for t in tasks if picks[task_key(t)]]
+        teacher, _ = run(picked, samples, sampled, seed + 5 + k, lambda t: picks[task_key(t)][1].to_prompt())
+        diff = {task_key(t): teacher["per_task_success"][task_key(t)] - student["per_task_success"][task_key(t)]
+                for t in picked}
+        won = {key: bank.entry(key, hit[0]).get("source_success") for key, hit in picks.items() if hit}
+        row = {"tasks": len(picked), "teacher_acc": _pct(teacher), "gap": tuple(100 * x for x in mean_se(list(diff.values()))),
+               "from_success": float(sum(won.values()) / max(1, len(won)))}
+        for name, success in (("success", True), ("failure", False)):
+            part = [d for key, d in diff.items() if won[key] == success]
+            row[f"gap_{name}"] = (*(100 * x for x in mean_se(part)), len(part))
+        out[credit] = row
+    out["student_acc"] = _pct(student)
+    return out
 
 
 def format_teacher_gap(m: dict) -> str:
@@ -213,6 +242,16 @@ def format_teacher_gap(m: dict) -> str:
                   f"format errors {m['teacher_format_error_pct']:.2f}%",
                   f"  teacher, mismatched skill {pm(m['teacher_mismatched_acc'])}   (control)",
                   f"  teacher gap (own - student, paired by level) {pm(m['teacher_gap'])}"]
+    if "trainer_pick" in m:
+        t = m["trainer_pick"]
+        lines.append(f"the teacher the trainer uses (a visit's samples summarised into the bank, one retrieval), all "
+                     f"levels, student {pm(t['student_acc'])}:")
+        for credit, what in (("group", "newest untried, the paper's letter"), ("source", "source-reward prior")):
+            r = t[credit]
+            lines.append(f"  --skill-credit {credit:6s} ({what}): teacher {pm(r['teacher_acc'])}, gap {pm(r['gap'])}; "
+                         f"picks from a success {100 * r['from_success']:.0f}% (gap {pm(r['gap_success'][:2])} on "
+                         f"{r['gap_success'][2]}), from a failure (gap {pm(r['gap_failure'][:2])} on "
+                         f"{r['gap_failure'][2]})")
     if "copy_rate" in m:
         lines.append(f"  along the own skill's workflow, P(the workflow's move): teacher {m['copy_rate'][0]:.1f}%, "
                      f"student {m['copy_rate'][1]:.1f}%")

@@ -21,8 +21,9 @@ Choices (each names its source):
     sampled independently (nanochat's guarded bug). Finished episodes leave the batch (`batch_select_indices`).
  5. Ledger = training data (nanochat token masks): sampled tokens trainable incl. the sampled end-of-turn token;
     prompt, template, observation tokens and a forced end-of-turn token (cap hit) are not. Masks come from lengths and
-    the ledger, never from comparing ids to pad/eos (tiny-grpo bug, TRL #6357). Log-probs are the untempered
-    log pi at sampling time (diagnostics; training recomputes log pi_old with `score`, METHOD.md §6).
+    the ledger, never from comparing ids to pad/eos (tiny-grpo bug, TRL #6357). Log-probs are those of the
+    sampler's distribution, log softmax(logits / T) (training recomputes log pi_old with `score(temperature=T)`, so
+    pi_old, rho and the PPO ratio are the sampler's at any T; METHOD.md §6).
  6. A context cap (`max_context` logical tokens) aborts an episode before a turn that could overflow it. When holes
     make the physical cache more than REBUILD_FACTOR x the longest row, the rows are re-prefilled from their compact
     ledgers; `reprefill=True` does that every turn (nanochat's simple fallback; also the benchmark baseline).
@@ -72,7 +73,7 @@ class SamplingConfig:
 class Ledger:
     ids: list[int]            # every token in order: prompt, replies, observation segments
     trainable: list[int]      # 1 = sampled by the policy (incl. the sampled end-of-turn token), else 0
-    logprobs: list[float]     # untempered log pi(token) at sampling time on trainable tokens, 0.0 elsewhere
+    logprobs: list[float]     # log pi(token) of the sampler (softmax(logits / T)) on trainable tokens, 0.0 elsewhere
     prompt_len: int           # ids of the first templated prompt (system + first user + generation prompt)
     replies: list[str] = field(default_factory=list)  # decoded reply text per turn (without the end-of-turn token)
     truncated: bool = False   # context cap hit
@@ -308,12 +309,14 @@ def append_chunk(model, state: DecodeState, chunks: list[list[int]], pad_id: int
 
 
 def sample(logits: torch.Tensor, sampling: SamplingConfig, generator=None, live: torch.Tensor | None = None):
-    """Next token per row (greedy if temperature == 0) and its UNtempered log-prob. logits (B, V) -> (B,), (B,).
+    """Next token per row (greedy if temperature == 0) and its log-prob under the distribution it was drawn from:
+    log softmax(logits / T), renormalised over what top-k / top-p keep (greedy: the untempered log-prob).
+    logits (B, V) -> (B,), (B,).
 
     generator: one torch.Generator for the batch, or a list with one per row. With a list, a row draws only while it
     is live, so its samples do not depend on which other rows share the batch (eval.py's batch-size independence)."""
-    logp = torch.log_softmax(logits, -1)                                        # (B, V)
     if sampling.temperature == 0:
+        logp = torch.log_softmax(logits, -1)                                    # (B, V)
         tok = logits.argmax(-1)                                                 # (B,)
     else:
         z = logits / sampling.temperature                                       # (B, V)
@@ -325,6 +328,7 @@ def sample(logits: torch.Tensor, sampling: SamplingConfig, generator=None, live:
             p = zs.softmax(-1)
             drop = p.cumsum(-1) - p > sampling.top_p                            # keeps the token that crosses top_p
             z = z.scatter(-1, order, zs.masked_fill(drop, float("-inf")))
+        logp = torch.log_softmax(z, -1)                                         # (B, V) the sampler's
         probs = z.softmax(-1)                                                   # (B, V)
         if isinstance(generator, (list, tuple)):                                # per-row streams
             tok = torch.zeros(probs.shape[0], dtype=torch.long)                 # (B,)
@@ -507,14 +511,17 @@ def complete(model, tokenizer, chats: list[list[dict]], sampling: SamplingConfig
 # ---------------------------------------------------------------------------------------------------------------------
 # scoring: one uncached forward, chunked log-softmax
 
-def _chunk_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, softcap) -> torch.Tensor:
+def _chunk_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, softcap, temperature: float = 1.0):
     logits = head(hidden).float()                                               # (b, t, V)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
+    if temperature != 1.0:
+        logits = logits / temperature                                           # the sampler's distribution
     return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)  # (b, t)
 
 
-def _score_batch(model, seqs: list[list[int]], grad: bool, keep: list | None = None) -> torch.Tensor:
+def _score_batch(model, seqs: list[list[int]], grad: bool, keep: list | None = None,
+                 temperature: float = 1.0) -> torch.Tensor:
     device = next(model.parameters()).device
     T = max(len(s) for s in seqs)
     ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)              # (b, T) right-padded
@@ -531,24 +538,24 @@ def _score_batch(model, seqs: list[list[int]], grad: bool, keep: list | None = N
         if len(cols) and (int(cols.min()) < 1 or int(cols.max()) >= T):
             raise ValueError("score(keep=...): positions must lie in 1 .. len(seq) - 1")
         h, tgt = hidden[rows, cols - 1][None], ids[rows, cols][None]           # (1, N, D), (1, N)
-        lp = checkpoint(_chunk_logprobs, head, h, tgt, softcap, use_reentrant=False) if grad and len(cols) \
-            else _chunk_logprobs(head, h, tgt, softcap)                         # (1, N)
+        lp = checkpoint(_chunk_logprobs, head, h, tgt, softcap, temperature, use_reentrant=False) \
+            if grad and len(cols) else _chunk_logprobs(head, h, tgt, softcap, temperature)   # (1, N)
         return torch.zeros(len(seqs), T, dtype=lp.dtype, device=device).index_put((rows, cols), lp[0])  # (b, T)
     step = max(1, LOGIT_CHUNK_ELEMS // (len(seqs) * V))
     pieces = []
     for s in range(0, T - 1, step):
         h, tgt = hidden[:, s:min(s + step, T - 1)], ids[:, s + 1:s + 1 + step]  # (b, t, D), (b, t)
         if grad:   # recompute the chunk's logits in backward instead of keeping (b, T, V) alive
-            pieces.append(checkpoint(_chunk_logprobs, head, h, tgt, softcap, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_logprobs, head, h, tgt, softcap, temperature, use_reentrant=False))
         else:
-            pieces.append(_chunk_logprobs(head, h, tgt, softcap))
+            pieces.append(_chunk_logprobs(head, h, tgt, softcap, temperature))
     lp = torch.cat(pieces, 1) if pieces else hidden.new_zeros(len(seqs), 0, dtype=torch.float32)  # (b, T - 1)
     lp = torch.where(mask[:, 1:].bool(), lp, 0.0)                              # 0 on padding
     return F.pad(lp, (1, 0))                                                    # (b, T); 0 at t = 0
 
 
 def score(model, sequences: list[list[int]], grad: bool = False, micro_batch_size: int | None = None,
-          keep: list | None = None) -> torch.Tensor:
+          keep: list | None = None, temperature: float = 1.0) -> torch.Tensor:
     """out[b, t] = log pi(seq[b][t] | seq[b][:t]) for 1 <= t < len(seq[b]); 0 at t = 0 and on padding. (B, T_max)
     keep: optional per-row lists of the positions t to compute; every other entry is 0 (much cheaper when few are
     needed, e.g. only the reply tokens of a long transcript)."""
@@ -556,7 +563,8 @@ def score(model, sequences: list[list[int]], grad: bool = False, micro_batch_siz
         raise ValueError("score() needs at least one non-empty sequence per row")
     T, mbs = max(map(len, sequences)), micro_batch_size or len(sequences)
     with torch.set_grad_enabled(grad):
-        parts = [_score_batch(model, sequences[k:k + mbs], grad, None if keep is None else keep[k:k + mbs])
+        parts = [_score_batch(model, sequences[k:k + mbs], grad, None if keep is None else keep[k:k + mbs],
+                              temperature)
                  for k in range(0, len(sequences), mbs)]
         return torch.cat([F.pad(p, (0, T - p.shape[1])) for p in parts], 0)    # (B, T)
 
@@ -571,14 +579,16 @@ def trainable_mask(ledgers: list[Ledger], device=None) -> torch.Tensor:
 
 
 def score_under_prompt(model, ledgers: list[Ledger], prompt_ids: list[list[int]], grad: bool = False,
-                       micro_batch_size: int | None = None, trainable_only: bool = False) -> torch.Tensor:
+                       micro_batch_size: int | None = None, trainable_only: bool = False,
+                       temperature: float = 1.0) -> torch.Tensor:
     """Teacher re-scoring: prompt_ids[b] + ledger.ids[prompt_len:], shifted back so out[b, j] (j >= prompt_len) is the
     log-prob of ledger token j under the new prompt; 0 before prompt_len and on padding. (B, T_max)
-    trainable_only: compute only the ledger's trainable (sampled) tokens, 0 elsewhere: all the losses read."""
+    trainable_only: compute only the ledger's trainable (sampled) tokens, 0 elsewhere: all the losses read.
+    temperature: score under softmax(logits / T), the distribution a sampler at temperature T draws from."""
     seqs = [list(p) + L.ids[L.prompt_len:] for p, L in zip(prompt_ids, ledgers)]
     keep = [[len(p) + j - L.prompt_len for j in range(L.prompt_len, len(L.ids)) if L.trainable[j]]
             for p, L in zip(prompt_ids, ledgers)] if trainable_only else None
-    scored = score(model, seqs, grad, micro_batch_size, keep)                   # (B, T')
+    scored = score(model, seqs, grad, micro_batch_size, keep, temperature)      # (B, T')
     T = max(len(L.ids) for L in ledgers)
     rows = []
     for b, (p, L) in enumerate(zip(prompt_ids, ledgers)):

@@ -71,6 +71,14 @@ def run_label(run: dict, show_lam: bool = False) -> str:
         extras.append(f"SDL on {cfg['sdl_mask']} turns")
     if cfg.get("lam_warmdown"):
         extras.append(f"λ → 0 at it. {cfg['lam_warmdown']}")
+    if cfg.get("skill_credit", "group") != "group":
+        extras.append(f"{cfg['skill_credit']}-reward skill credit")
+    if cfg.get("sdl_norm", "all") != "all":
+        extras.append(f"SDL mean over {cfg['sdl_norm']} tokens")
+    if cfg.get("grpo_norm", "all") != "all":
+        extras.append(f"GRPO {cfg['grpo_norm']}")
+    if cfg.get("collapse_guard"):
+        extras.append("collapse guard")
     if show_lam and cfg["method"] == "skill-sd" and "lam" in cfg:
         extras.append(f"λ = {cfg['lam']:g}")
     name = METHOD_NAMES.get(cfg["method"], cfg["method"])

@@ -364,8 +364,8 @@ class HTTPSummarizer:
 # Summarization off the critical path (choice 6)
 
 class AsyncSummarizer:
-    """submit(iteration, requests) queues a summary job; collect() returns the (task_id, Skill) pairs finished since
-    the last collect. synchronous=True runs each job inside submit (tests, determinism)."""
+    """submit(iteration, requests) queues a summary job; collect() returns the (task_id, Skill, source outcome)
+    triples finished since the last collect. synchronous=True runs each job inside submit (tests, determinism)."""
 
     def __init__(self, summarizer, synchronous=False):
         self.summarizer, self.synchronous = summarizer, synchronous
@@ -389,7 +389,9 @@ class AsyncSummarizer:
         with self._lock:
             for req, skill in zip(requests, skills):
                 if isinstance(skill, Skill):
-                    self._done.append((req.task_id, skill))
+                    r = req.result or {}
+                    source = {"reward": float(r.get("reward") or 0.0), "success": bool(r.get("success"))}
+                    self._done.append((req.task_id, skill, source))
                     self.num_skills += 1
                 else:
                     self.num_dropped += 1
@@ -417,7 +419,8 @@ class AsyncSummarizer:
             self._queue.put((iteration, requests))
 
     def collect(self, wait=False):
-        """The (task_id, Skill) pairs finished since the last call; wait=True first waits for every pending job."""
+        """The (task_id, Skill, source outcome) triples finished since the last call (bank.add takes them as they
+        are); wait=True first waits for every pending job."""
         if wait:
             self.wait()
         with self._lock:
@@ -458,22 +461,30 @@ class SkillBank:
     """B(x) per task id. retrieve -> (skill_id, Skill) | None; update(task_id, skill_id, reward) credits the pick.
 
     Each entry keeps: id (per-task counter, never reused, so a late update of an evicted skill is a no-op), the skill,
-    picks n(e), updates, reward_sum. UCB score = reward_sum / updates + c sqrt(ln N / n), N = retrievals of the task.
-    Retrieval has no randomness.
+    picks n(e), updates, reward_sum, and the outcome of the episode it was summarised from (source_reward,
+    source_success) when add() is told it. UCB score = reward_sum / updates + c sqrt(ln N / n), N = retrievals of the
+    task. Retrieval has no randomness; `last_untried` says whether the last pick was an untried skill.
+
+    prior_from_source (a labelled variant, METHOD.md §4): a new skill enters with one virtual pick credited with its
+    source episode's reward, so it counts as tried and UCB ranks it at once (a success's skill above a failure's)
+    instead of "untried first, the newest of them".
     """
 
-    def __init__(self, capacity=16, c=math.sqrt(2)):
+    def __init__(self, capacity=16, c=math.sqrt(2), prior_from_source=False):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.capacity, self.c = int(capacity), float(c)
+        self.capacity, self.c, self.prior_from_source = int(capacity), float(c), bool(prior_from_source)
+        self.last_untried = None
         self.tasks = {}     # task_id -> {"next_id": int, "retrievals": int, "entries": [entry, ...] oldest first}
         self.counters = {"added": 0, "duplicates": 0, "evicted": 0, "retrievals": 0, "untried_picks": 0}
 
     def _task(self, task_id):
         return self.tasks.setdefault(str(task_id), {"next_id": 0, "retrievals": 0, "entries": []})
 
-    def add(self, task_id, skill):
-        """Append a skill; False for None or an exact duplicate (same to_prompt text) already in the bank."""
+    def add(self, task_id, skill, source=None):
+        """Append a skill; False for None or an exact duplicate (same to_prompt text) already in the bank.
+        source: {"reward", "success"} of the episode it was summarised from (logged; the prior with
+        prior_from_source)."""
         if not isinstance(skill, Skill):
             return False
         skill = Skill(*(valid_text(str(v)) for v in skill.to_dict().values()))   # never an unencodable skill
@@ -482,13 +493,22 @@ class SkillBank:
         if any(e["skill"].to_prompt() == text for e in bank["entries"]):
             self.counters["duplicates"] += 1
             return False
-        bank["entries"].append({"id": bank["next_id"], "skill": skill, "picks": 0, "updates": 0, "reward_sum": 0.0})
+        entry = {"id": bank["next_id"], "skill": skill, "picks": 0, "updates": 0, "reward_sum": 0.0}
+        if source is not None:
+            entry.update(source_reward=float(source["reward"]), source_success=bool(source["success"]))
+            if self.prior_from_source:
+                entry.update(prior=1, updates=1, reward_sum=float(source["reward"]))
+        bank["entries"].append(entry)
         bank["next_id"] += 1
         self.counters["added"] += 1
         if len(bank["entries"]) > self.capacity:
             bank["entries"].pop(0)                              # FIFO: the oldest goes
             self.counters["evicted"] += 1
         return True
+
+    def entry(self, task_id, skill_id):
+        """The bank's record of one skill (picks, updates, reward_sum, source), or {} once evicted."""
+        return next((e for e in self.tasks.get(str(task_id), {"entries": []})["entries"] if e["id"] == skill_id), {})
 
     def skills(self, task_id):
         return [(e["id"], e["skill"]) for e in self.tasks.get(str(task_id), {"entries": []})["entries"]]
@@ -499,9 +519,10 @@ class SkillBank:
         if not bank:
             return []
         n_total = max(bank["retrievals"], 1)
-        return [math.inf if e["picks"] == 0 else
-                e["reward_sum"] / max(e["updates"], 1) + self.c * math.sqrt(math.log(n_total) / e["picks"])
-                for e in bank["entries"]]
+        n = [e["picks"] + e.get("prior", 0) for e in bank["entries"]]
+        return [math.inf if k == 0 else
+                e["reward_sum"] / max(e["updates"], 1) + self.c * math.sqrt(math.log(n_total) / k)
+                for e, k in zip(bank["entries"], n)]
 
     def retrieve(self, task_id):
         """Untried skills first, the newest of them; else argmax UCB, ties -> lowest index. None for an empty bank."""
@@ -509,7 +530,8 @@ class SkillBank:
         if not bank or not bank["entries"]:
             return None
         entries = bank["entries"]
-        untried = [j for j, e in enumerate(entries) if e["picks"] == 0]
+        untried = [j for j, e in enumerate(entries) if e["picks"] + e.get("prior", 0) == 0]
+        self.last_untried = bool(untried)
         if untried:
             j = untried[-1]
             self.counters["untried_picks"] += 1
@@ -552,12 +574,12 @@ class SkillBank:
         tasks = {t: {**b, "entries": [{**e, "skill": e["skill"].to_dict()} for e in b["entries"]]}
                  for t, b in self.tasks.items()}
         return json.dumps({"version": 1, "capacity": self.capacity, "c": self.c, "counters": self.counters,
-                           "tasks": tasks}, ensure_ascii=False)
+                           "prior_from_source": self.prior_from_source, "tasks": tasks}, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, s):
         d = json.loads(s)
-        bank = cls(d["capacity"], d["c"])
+        bank = cls(d["capacity"], d["c"], d.get("prior_from_source", False))
         bank.counters.update(d.get("counters", {}))
         for t, b in d["tasks"].items():
             bank.tasks[t] = {**b, "entries": [{**e, "skill": Skill.from_dict(e["skill"])} for e in b["entries"]]}

@@ -110,6 +110,10 @@ class TrainConfig:
     clip_low: float = flag(0.2, "PPO ε_low; DAPO clip-higher")
     clip_high: float = flag(0.28, "PPO ε_high; DAPO clip-higher")
     lam: float = flag(1e-3, "λ, weight of L_SDL; paper Eq. 14")
+    sdl_norm: str = flag("all", "L_SDL's token mean: all (the paper's letter: N = every trainable token of the "
+                                "mini-batch, shared with L_GRPO) | teacher (N = the tokens that have a teacher)")
+    grpo_norm: str = flag("all", "L_GRPO's token mean: all (the paper's letter: flat groups count in N) | drop-flat "
+                                 "(N = the tokens of rows with a nonzero advantage)")
     # teacher and ablations
     teacher_weights: str = flag("dynamic", "dynamic (θ̄ = θ_old every iteration, paper) | frozen (θ₀)")
     rollout_by: str = flag("student", "student (paper) | teacher (off-policy ablation)")
@@ -131,6 +135,10 @@ class TrainConfig:
     summarizer_name: str = flag("", "model name sent to the HTTP endpoint")
     async_summarizer: bool = flag(False, "summarise in a worker thread (choice 2)")
     skills_per_group: int = flag(0, "trajectories summarised per group; 0 = all G (paper)")
+    skill_credit: str = flag("group", "group (the paper's letter: a pick is credited with the mean reward of the group "
+                                      "it re-scored; untried skills first, the newest) | source (labelled variant: a "
+                                      "skill enters with its source episode's reward as a prior, UCB ranks it at "
+                                      "once, and a pick is credited at the task's next visit)")
     bank_capacity: int = flag(16, "skills kept per task, FIFO; ours (METHOD.md §4)")
     ucb_c: float = flag(math.sqrt(2), "UCB exploration constant; UCB1")
     # evaluation, logging, checkpoints
@@ -239,7 +247,8 @@ def _at_least(lo):
 RANGES = {
     "iterations": _at_least(1), "tasks_per_iter": _at_least(1), "group_size": (lambda v: v >= 2, ">= 2 (GRPO "
     "normalises within a group)"), "max_turns": _at_least(1), "max_new_tokens": _at_least(1),
-    "temperature": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 = greedy)"),
+    "temperature": (lambda v: 0 < v < math.inf, "a finite number > 0 (GRPO needs G different samples; every "
+                    "log-prob is taken at this temperature)"),
     "format_penalty": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
     "lr": (lambda v: 0 < v < math.inf, "a finite number > 0"), "weight_decay": (lambda v: 0 <= v < math.inf, ">= 0"),
     "grad_clip": (lambda v: 0 < v < math.inf, "a finite number > 0"), "mini_batches": _at_least(1),
@@ -263,6 +272,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     choices = {"env": ("sokoban", "appworld"), "method": tuple(METHOD_CONTEXT), "reward": ("completion", "success",
                "gym"), "teacher_weights": ("dynamic", "frozen"), "rollout_by": ("student", "teacher"),
                "teacher_context": ("", "skill", "ground-truth", "none"), "sdl_mask": ("all", "covered"),
+               "sdl_norm": ("all", "teacher"), "grpo_norm": ("all", "drop-flat"), "skill_credit": ("group", "source"),
                "summarizer": ("auto", "rule", "policy", "model", "http"), "preset": tuple(env_sokoban.PRESETS)}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
@@ -404,6 +414,7 @@ class Run:
     start_it: int = 0
     changes: dict = None              # a resume: {flag: [saved, now]} for the flags it changed (history.jsonl)
     rollbacks: int = 0                # --collapse-guard: roll-backs so far
+    pending_credit: dict = None       # --skill-credit source: task id -> the skill picked at its last visit
     skips_in_a_row: int = 0           # optimizer steps skipped one after another (the non-finite guard)
 
 
@@ -443,7 +454,8 @@ def setup(cfg: TrainConfig, arm: Arm) -> Run:
     train_pool = env.train_tasks[: cfg.train_tasks] if cfg.train_tasks else env.train_tasks
     run = Run(cfg, arm, device, model, tokenizer, base_model,
               torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay),
-              env, bank or skills_lib.SkillBank(capacity=cfg.bank_capacity, c=cfg.ucb_c),
+              env, bank or skills_lib.SkillBank(capacity=cfg.bank_capacity, c=cfg.ucb_c,
+                                                prior_from_source=cfg.skill_credit == "source"),
               make_summarizer(cfg, model, tokenizer),
               Curriculum(train_pool, enabled=cfg.curriculum and cfg.env == "sokoban"), CollapseMonitor(),
               np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed),
@@ -501,6 +513,7 @@ class Batch:
     adv: torch.Tensor = None          # (B,)
     zero_var: int = 0                 # groups whose rewards are all equal
     failed: list = None               # per row: the environment failed to play it (dropped from the update)
+    retrieval: dict = dataclasses.field(default_factory=dict)   # this iteration's picks: untried / exploit / source
     has_teacher: torch.Tensor = None  # (B,) 1 where a teacher scores the row
     mask: torch.Tensor = None         # (B, T) trainable (policy-sampled) tokens
     sdl_mask: torch.Tensor = None     # (B, T) trainable tokens that have a teacher (and, --sdl-mask covered, a cover)
@@ -526,7 +539,7 @@ def retrieve_contexts(run: Run, batch: Batch) -> dict:
     truth); skills summarised in earlier iterations enter the bank first."""
     for new in run.summarizer.collect():
         run.bank.add(*new)
-    chosen = {}
+    chosen, untried, success = {}, 0, []
     for ep in batch.episodes[:: run.cfg.group_size]:
         tid = ep.task_id
         if run.arm.context == "ground-truth":
@@ -535,9 +548,16 @@ def retrieve_contexts(run: Run, batch: Batch) -> dict:
         elif run.arm.context == "skill":
             hit = run.bank.retrieve(tid)
             chosen[tid] = TeacherContext(hit[0], hit[1].to_prompt(), skills_lib.SKILL_HEADER) if hit else None
+            if hit:
+                untried += run.bank.last_untried
+                source = run.bank.entry(tid, hit[0]).get("source_success")
+                success += [] if source is None else [source]
         else:
             chosen[tid] = None
     batch.contexts = [chosen[ep.task_id] for ep in batch.episodes]
+    picks = sum(c is not None and c.skill_id is not None for c in chosen.values())
+    batch.retrieval = {"picks": picks, "untried_picks": untried, "exploit_picks": picks - untried,
+                       "success_skill_frac": float(np.mean(success)) if success else float("nan")}
     return chosen
 
 
@@ -573,19 +593,18 @@ def score_teacher(run: Run, batch: Batch) -> None:
     batch.sdl_mask = batch.mask * batch.has_teacher[:, None]                                  # (B, T)
     teacher_prompts = [model_lib.encode_prompt(run.tokenizer, skills_lib.with_skill(m, c.text, header=c.header)
                                                if c else m) for m, c in zip(batch.plain, batch.contexts)]
+    # every log-prob is the sampler's distribution at the training temperature, softmax(logits / T) (METHOD.md §6)
+    kw = dict(trainable_only=True, micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature)
     model.eval()
     with torch.no_grad(), autocast(run.device):
-        batch.logp_old = model_lib.score_under_prompt(model, ledgers, batch.student_prompts, trainable_only=True,
-                                                      micro_batch_size=cfg.micro_batch_size).float()  # (B, T)
+        batch.logp_old = model_lib.score_under_prompt(model, ledgers, batch.student_prompts, **kw).float()  # (B, T)
         if arm.teacher and (batch.has_teacher.any() or arm.sampler == "teacher"):
-            batch.logp_teacher = model_lib.score_under_prompt(teacher, ledgers, teacher_prompts, trainable_only=True,
-                                                              micro_batch_size=cfg.micro_batch_size).float()
+            batch.logp_teacher = model_lib.score_under_prompt(teacher, ledgers, teacher_prompts, **kw).float()
         else:
             batch.logp_teacher = batch.logp_old.clone()                                       # (B, T)
         if cfg.ref_kl > 0:   # labelled variant: θ₀ under the student's own (plain) prompt, the KL's reference
             batch.logp_ref = model_lib.score_under_prompt(run.base_model, ledgers, batch.student_prompts,
-                                                          trainable_only=True,
-                                                          micro_batch_size=cfg.micro_batch_size).float()
+                                                          **kw).float()                       # (B, T)
     # off-policy the teacher sampled: its log-probs are the denominator of the PPO ratio and of ρ (loss.py, choice 7)
     batch.logp_behaviour = batch.logp_teacher if arm.sampler == "teacher" else batch.logp_old
     if run.env.skill_covers and arm.context == "skill" and arm.teacher and batch.has_teacher.any():
@@ -636,10 +655,13 @@ def ppo_update(run: Run, batch: Batch, lam: float, iteration: int | None = None)
     """Phase 7: mini-batch steps on w_grpo·L_GRPO + w_sdl·L_SDL (+ β·KL to θ₀ with --ref-kl), gradient accumulation
     over micro-batches; both terms share the token-mean normaliser N of the mini-batch (loss.py, choice 1). The
     non-finite guard skips a step whose loss or gradient is not finite, undoes one that left non-finite weights, says
-    so, and stops the run after MAX_SKIPS_IN_A_ROW skips in a row."""
+    so, and stops the run after MAX_SKIPS_IN_A_ROW skips in a row. --sdl-norm / --grpo-norm change a term's N.
+    grad_ratio_sdl_grpo = ‖∂(w_sdl·L_SDL)/∂log π‖ / ‖∂(w_grpo·L_GRPO)/∂log π‖ over the iteration, the balance of the
+    two terms at the loss's input (a cheap proxy of the parameter-gradient ratio: no extra backward pass)."""
     cfg, model, optimizer = run.cfg, run.model, run.optimizer
     weights = (1.0 if run.arm.grpo else 0.0, run.arm.sdl_weight(lam))
     stats = {"loss_grpo": [], "loss_sdl": [], "grad_norm": [], "skipped_steps": 0, "skip_causes": []}
+    grad_sq = {"grpo": 0.0, "sdl": 0.0}
     if batch.logp_ref is not None:
         stats["loss_ref_kl"] = []
     diag = []
@@ -649,12 +671,18 @@ def ppo_update(run: Run, batch: Batch, lam: float, iteration: int | None = None)
             n_tokens = float(batch.mask[mb].sum())                        # N: the token-mean normaliser (verl)
             if n_tokens == 0:
                 continue
+            norms = normalisers(cfg, batch, mb, n_tokens)
             optimizer.zero_grad(set_to_none=True)
             sums, cause = {"grpo": 0.0, "sdl": 0.0, "ref_kl": 0.0}, None
             for start in range(0, len(mb), cfg.micro_batch_size):
                 rows = mb[start: start + cfg.micro_batch_size]
-                terms, d = micro_batch_losses(run, batch, rows, n_tokens, weights)
+                terms, d, logp = micro_batch_losses(run, batch, rows, norms, weights)
                 total = sum(w * l for w, l in terms.values() if w)        # Eq. 14 (weights from the arm)
+                for name in grad_sq:                                      # the balance proxy, ∂/∂log π only
+                    w, l = terms[name]
+                    if w and l.requires_grad:
+                        g, = torch.autograd.grad(w * l, logp, retain_graph=True, allow_unused=True)
+                        grad_sq[name] += 0.0 if g is None else float((g.double() ** 2).sum())
                 if not torch.isfinite(total):
                     cause = "non-finite loss (" + ", ".join(f"{k} {l.item():.3g}" for k, (_, l) in terms.items()) + ")"
                     break
@@ -681,6 +709,8 @@ def ppo_update(run: Run, batch: Batch, lam: float, iteration: int | None = None)
             stats["grad_norm"].append(float(grad_norm))
     out = {k: (float(np.mean(v)) if v else float("nan")) if isinstance(v, list) and k != "skip_causes" else v
            for k, v in stats.items()}
+    out["grad_ratio_sdl_grpo"] = math.sqrt(grad_sq["sdl"] / grad_sq["grpo"]) if grad_sq["grpo"] else \
+        (math.inf if grad_sq["sdl"] else float("nan"))
     for key in (diag[0] if diag else {}):
         vals = [d[key] for d in diag if d.get(key) is not None and not math.isnan(d[key])]
         out[key] = max(vals) if key.endswith("max") else (float(np.mean(vals)) if vals else float("nan"))
@@ -719,28 +749,40 @@ def restore_weights(run: Run) -> None:
     run.optimizer.state.clear()
 
 
-def micro_batch_losses(run: Run, batch: Batch, rows, n_tokens: float, weights: tuple) -> tuple[dict, dict]:
-    """The loss terms of some rows, with grad -> ({name: (weight, loss)}, diagnostics). logp is recomputed under the
-    student's prompt; ρ and the PPO ratio divide by the behaviour log-probs (θ_old, or the teacher off-policy)."""
+def normalisers(cfg: TrainConfig, batch: Batch, mb, n_tokens: float) -> dict:
+    """Each term's N for one mini-batch: the shared token count (the paper's letter), or with --sdl-norm teacher the
+    tokens that have a teacher, with --grpo-norm drop-flat those of rows with a nonzero advantage (never below 1)."""
+    n = {"grpo": n_tokens, "sdl": n_tokens, "ref_kl": n_tokens}
+    if cfg.sdl_norm == "teacher":
+        n["sdl"] = max(1.0, float(batch.sdl_mask[mb].sum()))
+    if cfg.grpo_norm == "drop-flat":
+        n["grpo"] = max(1.0, float((batch.mask[mb] * (batch.adv[mb] != 0)[:, None]).sum()))
+    return n
+
+
+def micro_batch_losses(run: Run, batch: Batch, rows, norms: dict, weights: tuple) -> tuple[dict, dict, torch.Tensor]:
+    """The loss terms of some rows, with grad -> ({name: (weight, loss)}, diagnostics, log π (b, T)). log π is
+    recomputed under the student's prompt; ρ and the PPO ratio divide by the behaviour log-probs (θ_old, or the
+    teacher off-policy)."""
     Tm = max(len(batch.ledgers[i].ids) for i in rows)
     with autocast(run.device):
         logp = model_lib.score_under_prompt(run.model, [batch.ledgers[i] for i in rows],
                                             [batch.student_prompts[i] for i in rows], grad=True,
-                                            trainable_only=True)                                 # (b, Tm)
+                                            trainable_only=True, temperature=run.cfg.temperature)  # (b, Tm)
     logp = logp.float()
     m, behaviour, tea = batch.mask[rows, :Tm], batch.logp_behaviour[rows, :Tm], batch.logp_teacher[rows, :Tm]
     a, sm, cfg = batch.adv[rows], batch.sdl_mask[rows, :Tm], run.cfg
     terms = {"grpo": (weights[0], loss_lib.grpo_loss(logp, behaviour, a, m, cfg.clip_low, cfg.clip_high,
-                                                     num_tokens=n_tokens)),
-             "sdl": (weights[1], loss_lib.sdl_loss(logp, behaviour, tea, sm, num_tokens=n_tokens))}
+                                                     num_tokens=norms["grpo"])),
+             "sdl": (weights[1], loss_lib.sdl_loss(logp, behaviour, tea, sm, num_tokens=norms["sdl"]))}
     if batch.logp_ref is not None:
         # labelled variant: the same ρ·k3 estimator toward θ₀ under the plain prompt estimates the REVERSE
         # KL(π_θ ‖ π_θ₀); it is exactly the frozen-teacher ablation's SDL with the skill taken out of the prompt
         terms["ref_kl"] = (cfg.ref_kl, loss_lib.sdl_loss(logp, batch.logp_old[rows, :Tm], batch.logp_ref[rows, :Tm],
-                                                         m, num_tokens=n_tokens))
+                                                         m, num_tokens=norms["ref_kl"]))
     # the loss's own ratio and ρ (behaviour denominator), and clip_frac where the clip binds given the advantage's sign
     d = loss_lib.diagnostics(logp.detach(), behaviour, tea, m, cfg.clip_low, cfg.clip_high, advantages=a, sdl_mask=sm)
-    return terms, d
+    return terms, d, logp
 
 
 def summary_requests(run: Run, batch: Batch) -> list:
@@ -757,15 +799,21 @@ def summary_requests(run: Run, batch: Batch) -> list:
 
 
 def summarise_and_credit(run: Run, batch: Batch, chosen: dict, it: int) -> None:
-    """Phase 8: queue the summaries (skills reach the bank from the next iteration), then credit each retrieved skill
-    with the mean reward of its task's rollouts (the UCB statistic R̄(e))."""
+    """Phase 8: queue the summaries (skills reach the bank from the next iteration), then credit the UCB statistic
+    R̄(e) with the mean reward of the task's rollouts: the skill just retrieved (--skill-credit group, the paper's
+    letter), or the one retrieved at the task's previous visit, whose distillation could have changed these rollouts
+    (--skill-credit source)."""
     run.summarizer.submit(it, summary_requests(run, batch))
-    rewards = batch.rewards.tolist()
+    rewards, lagged = batch.rewards.tolist(), run.cfg.skill_credit == "source"
+    if run.pending_credit is None:
+        run.pending_credit = {}
     for tid, hit in chosen.items():
-        if hit and hit.skill_id is not None:
-            group = [r for t, r, f in zip(batch.tasks, rewards, batch.failed) if task_key(t) == tid and not f]
-            if group:
-                run.bank.update(tid, hit.skill_id, float(np.mean(group)))
+        group = [r for t, r, f in zip(batch.tasks, rewards, batch.failed) if task_key(t) == tid and not f]
+        credited = run.pending_credit.pop(tid, None) if lagged else (hit.skill_id if hit else None)
+        if credited is not None and group:
+            run.bank.update(tid, credited, float(np.mean(group)))
+        if lagged and hit and hit.skill_id is not None:
+            run.pending_credit[tid] = hit.skill_id
 
 
 def log_iteration(run: Run, batch: Batch, upd: dict, it: int, lam: float, times: dict) -> dict:
@@ -782,7 +830,8 @@ def log_iteration(run: Run, batch: Batch, upd: dict, it: int, lam: float, times:
     n_trainable = [sum(l.trainable) for l in batch.ledgers]
     in_prompt = run.arm.sample_with_context and run.arm.sampler == "student"   # the student sees the block
     row = {"iteration": it + 1, "reward": float(batch.rewards.mean()), "acc": success,
-           "comp": float(np.mean([r["completion"] for r in results])), **upd, **batch.coverage, "lam": lam,
+           "comp": float(np.mean([r["completion"] for r in results])), **upd, **batch.coverage,
+           **batch.retrieval, "lam": lam,
            "lr": run.optimizer.param_groups[0]["lr"],
            "zero_var_groups": batch.zero_var, "groups": len(batch.tasks) // cfg.group_size,
            "dropped_episodes": sum(batch.failed),
@@ -819,7 +868,8 @@ def save_checkpoint(run: Run, iteration: int) -> None:
     for new in run.summarizer.collect(wait=True):     # pending skills belong in the checkpoint
         run.bank.add(*new)
     state = {"iteration": iteration, "rng": rng_state(run.rng, run.gen), "curriculum": run.curriculum.state(),
-             "monitor": run.monitor.state(), "config": dataclasses.asdict(run.cfg), "rollbacks": run.rollbacks}
+             "monitor": run.monitor.state(), "config": dataclasses.asdict(run.cfg), "rollbacks": run.rollbacks,
+             "pending_credit": run.pending_credit or {}}
 
     def fill(folder):
         run.model.save_pretrained(os.path.join(folder, "model"))        # loadable by plain AutoModelForCausalLM
@@ -871,6 +921,7 @@ def restore_state(run: Run, state: dict) -> None:
     set_rng_state(run.rng, run.gen, state["rng"])
     run.monitor.load(state["monitor"])
     run.start_it, run.rollbacks = state["iteration"], state.get("rollbacks", 0)
+    run.pending_credit = dict(state.get("pending_credit", {}))
     for name in ("log.jsonl", "eval.jsonl"):   # drop log lines written after the checkpoint (a crashed tail)
         path = os.path.join(run.cfg.run_dir, name)
         rows = [r for r in read_jsonl(path) if r["iteration"] <= run.start_it]

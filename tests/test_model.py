@@ -87,17 +87,18 @@ def play(model, tok, turns=(3, 3, 2, 3), temperature=1.0, seed=0, max_new=8, **k
 
 
 @torch.no_grad()
-def reference_logprobs(model, ids):
-    """log pi(ids[t] | ids[:t]) from one plain forward on the unpadded row (HF's own positions and mask)."""
-    logits = model(torch.tensor([ids])).logits[0].float()                     # (T, V)
+def reference_logprobs(model, ids, temperature=1.0):
+    """log pi(ids[t] | ids[:t]) from one plain forward on the unpadded row (HF's own positions and mask), under
+    softmax(logits / temperature)."""
+    logits = model(torch.tensor([ids])).logits[0].float() / temperature      # (T, V)
     lp = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
     return torch.cat([torch.zeros(1), lp])                                     # (T,)
 
 
-def max_cached_error(model, ledgers):
+def max_cached_error(model, ledgers, temperature=1.0):
     err = 0.0
     for L in ledgers:
-        ref, rec = reference_logprobs(model, L.ids), torch.tensor(L.logprobs)
+        ref, rec = reference_logprobs(model, L.ids, temperature), torch.tensor(L.logprobs)
         t = torch.tensor(L.trainable).bool()
         err = max(err, (ref[t] - rec[t]).abs().max().item())
     return err
@@ -138,6 +139,19 @@ def test_cached_logprobs_equal_full_forward(model, tok):
         eps, ledgers = play(model, tok)
         assert [len(L.replies) for L in ledgers] == [3, 3, 2, 3]
         assert max_cached_error(model, ledgers) <= TOL
+
+
+def test_logprobs_are_the_samplers_at_any_temperature(model, tok):
+    """At T = 0.7 the sampler draws from softmax(logits / T): the recorded log-probs equal an uncached forward of
+    logits / T, and so does score(temperature=T), while the untempered ones are visibly different."""
+    with chatty(model, tok):
+        _, ledgers = play(model, tok, temperature=0.7)
+        assert max_cached_error(model, ledgers, temperature=0.7) <= TOL
+        assert max_cached_error(model, ledgers) > 1e-2                   # the check can fail
+        scored = M.score(model, [L.ids for L in ledgers], temperature=0.7)                        # (B, T)
+        for b, L in enumerate(ledgers):
+            t = torch.tensor(L.trainable).bool()
+            assert (scored[b, :len(L.ids)][t] - torch.tensor(L.logprobs)[t]).abs().max() <= TOL
 
 
 def test_cached_logprobs_equal_full_forward_eager(tok):
@@ -321,7 +335,9 @@ def test_sample_filters():
     for _ in range(50):
         tok, lp = M.sample(logits, M.SamplingConfig(temperature=2.0, top_k=5), gen)
         assert (top5 == tok[:, None]).any(-1).all()
-        assert torch.allclose(lp, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0])   # untempered
+        # the sampler's own log-prob: softmax over the 5 kept logits / T (METHOD.md §6), not the untempered one
+        z = torch.full_like(logits, float("-inf")).scatter(1, top5, logits.gather(1, top5) / 2.0)
+        assert torch.allclose(lp, torch.log_softmax(z, -1).gather(1, tok[:, None])[:, 0])
 
 
 # ------------------------------------------------------------------------------------------------------ scoring

@@ -216,7 +216,7 @@ def test_async_skills_arrive_later_and_errors_are_counted():
     assert worker.collect() == [] and worker.pending == 2            # not ready within this iteration
     gate.set()
     worker.wait()
-    assert worker.collect() == [("a", _skill(0))]
+    assert worker.collect() == [("a", _skill(0), {"reward": 0.0, "success": False})]
     assert worker.num_errors == 1
     worker.close()
     with pytest.raises(RuntimeError):

@@ -210,3 +210,21 @@ def test_resolve_builds_only_the_built_in_name(monkeypatch):
     assert tb.resolve("tiny-sokoban") == "/cache/tiny-sokoban-abc"
     assert [tb.resolve(n) for n in ("tiny", "Qwen/Qwen3-4B", "./runs/x/ckpt/model")] == \
         ["tiny", "Qwen/Qwen3-4B", "./runs/x/ckpt/model"]
+
+
+def test_teacher_gap_reports_the_trainers_own_pick(built):
+    """eval.teacher_gap on a small organism: the own-skill section and, for both credit rules, the teacher with the
+    skill the trainer's bank would retrieve; the source-reward prior never picks a failure's skill on a level whose
+    visit had a success, the paper's letter may."""
+    import eval as eval_lib
+    from common import make_env
+    model, tok = tb.load_base(device="cpu", dtype=torch.float32, recipe=SMALL, cache_root=built[0], progress=False)
+    env = make_env("sokoban", "easy", max_turns=12)
+    m, levels, skills = eval_lib.teacher_gap(model, tok, env, env.test_tasks[:8], samples=4, batch_size=32)
+    t = m["trainer_pick"]
+    assert set(t) == {"group", "source", "student_acc"} and all(t[c]["tasks"] == 8 for c in ("group", "source"))
+    with_success = m["levels_with_skill"]
+    assert t["source"]["gap_success"][2] == with_success and t["source"]["from_success"] == with_success / 8
+    assert t["group"]["from_success"] <= t["source"]["from_success"]
+    text = eval_lib.format_teacher_gap(m)
+    assert "--skill-credit group" in text and "--skill-credit source" in text

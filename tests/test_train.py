@@ -290,6 +290,27 @@ def test_rho_is_one_on_the_first_mini_batch_inside_the_update():
     assert stats2["ratio_max"] - 1.0 > 1e-4          # the second mini-batch sees θ ≠ θ_old: the check can fail
 
 
+def test_rho_is_one_on_the_first_mini_batch_at_temperature_0_7(tmp_path, monkeypatch):
+    """A run sampling at T = 0.7 scores log π_old, the teacher and the update's log π_θ at the same temperature: on the
+    first of one mini-batch per iteration the PPO ratio and ρ are 1, and log π_old equals the sampler's own
+    log-probs recorded in the ledger (an untempered score would miss them by far more)."""
+    seen, real = [], train.ppo_update
+
+    def spy(run, batch, lam, **kw):
+        stats = real(run, batch, lam, **kw)
+        seen.append((batch, stats))
+        return stats
+
+    monkeypatch.setattr(train, "ppo_update", spy)
+    run(tmp_path, "t07", "--temperature", "0.7", "--mini-batches", "1", iterations=2)
+    for batch, stats in seen:
+        assert abs(stats["ratio_max"] - 1) < 1e-5 and abs(stats["ratio_min"] - 1) < 1e-5
+        for b, L in enumerate(batch.ledgers):
+            t = torch.tensor(L.trainable).bool()
+            assert (batch.logp_old[b, :len(L.ids)][t] - torch.tensor(L.logprobs)[t]).abs().max() < 1e-4
+    assert abs(seen[1][1]["rho_max"] - 1) < 1e-5
+
+
 def spy_run(tmp_path, monkeypatch, name, *extra, iterations=3):
     """A SMALL run that records, at every update, the batch and the teacher's expected log-probs scored afresh:
     with the current weights (θ_old) and with θ₀ (a freshly built "tiny" model), under the skill prompt."""
@@ -442,3 +463,66 @@ def test_logged_clip_fraction_uses_the_advantages_and_the_behaviour_policy(monke
         row = [int(torch.nonzero((adv == v)).flatten()[0]) for v in a]
         T = behaviour.shape[1]
         assert torch.equal(behaviour, logp_old[row, :T])
+
+
+def test_normalisation_options_change_only_their_terms_denominator():
+    """One mini-batch at θ_old: --sdl-norm teacher divides L_SDL by the tokens that have a teacher instead of all,
+    --grpo-norm drop-flat divides L_GRPO by the tokens of rows with a nonzero advantage: the values scale by exactly
+    the ratio of the counts, and the other term is untouched."""
+    model, ledgers, prompts, logp_old = four_rollouts()
+    teacher = logp_old + 0.5 * torch.randn(logp_old.shape, generator=torch.Generator().manual_seed(1))  # (B, T)
+    adv, has = torch.tensor([1.0, -1.0, 0.0, 0.0]), torch.tensor([1.0, 0.0, 1.0, 0.0])
+    mask = model_lib.trainable_mask(ledgers)
+    n_all, n_teacher = float(mask.sum()), float((mask * has[:, None]).sum())
+    n_live = float(mask[:2].sum())
+    base = ["--method", "skill-sd", "--lam", "0.5", "--mini-batches", "1"]
+    stats = {name: update(train.parse_args(SMALL + base + flags), model, ledgers, prompts, adv, logp_old, teacher,
+                          has)[0] for name, flags in (("all", []), ("teacher", ["--sdl-norm", "teacher"]),
+                                                      ("drop", ["--grpo-norm", "drop-flat"]))}
+    assert stats["teacher"]["loss_sdl"] == pytest.approx(stats["all"]["loss_sdl"] * n_all / n_teacher, rel=1e-6)
+    assert stats["teacher"]["loss_grpo"] == pytest.approx(stats["all"]["loss_grpo"], rel=1e-9)
+    assert stats["drop"]["loss_grpo"] == pytest.approx(stats["all"]["loss_grpo"] * n_all / n_live, rel=1e-6)
+    assert stats["drop"]["loss_sdl"] == pytest.approx(stats["all"]["loss_sdl"], rel=1e-9)
+    assert n_teacher < n_all and n_live < n_all                       # the check can fail
+
+
+def test_the_gradient_ratio_proxy_is_the_norm_ratio_at_the_loss_input():
+    """At θ_old (one mini-batch) ∂(λ·L_SDL)/∂log π = λ·ℓ/N on tokens with a teacher and ∂L_GRPO/∂log π = −A/N on all
+    trainable tokens, so the logged ratio is ‖λ·ℓ‖ / ‖A‖ over those tokens."""
+    model, ledgers, prompts, logp_old = four_rollouts()
+    teacher = logp_old + 0.5 * torch.randn(logp_old.shape, generator=torch.Generator().manual_seed(1))  # (B, T)
+    adv, has = torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.tensor([1.0, 1.0, 0.0, 1.0])
+    cfg = train.parse_args(SMALL + ["--method", "skill-sd", "--lam", "0.5", "--mini-batches", "1"])
+    stats, _ = update(cfg, model, ledgers, prompts, adv, logp_old, teacher, has)
+    mask = model_lib.trainable_mask(ledgers).bool()
+    ell = (logp_old - teacher)[mask & has.bool()[:, None]]                                       # (N',)
+    a = adv[:, None].expand_as(mask)[mask]                                                       # (N,)
+    assert stats["grad_ratio_sdl_grpo"] == pytest.approx(float((0.5 * ell).norm() / a.norm()), rel=1e-4)
+    flat, _ = update(cfg, model, ledgers, prompts, torch.zeros(4), logp_old, teacher, has)
+    assert flat["grad_ratio_sdl_grpo"] == math.inf                    # no GRPO signal at all: SDL alone moves
+
+
+def test_skill_credit_source_ranks_skills_by_their_episode_and_credits_the_next_visit(tmp_path):
+    """--skill-credit source: a bank that seeds each skill with its source episode's reward picks a success's skill
+    over a newer failure's; in a run, the skill picked at a visit is credited at the task's next visit."""
+    bank = skills_lib.SkillBank(prior_from_source=True)
+    win, loss = skills_lib.Skill("won", "-", "1. up"), skills_lib.Skill("lost", "-", "none")
+    bank.add("t", win, {"reward": 1.0, "success": True})
+    bank.add("t", loss, {"reward": 0.0, "success": False})
+    assert bank.retrieve("t")[1] == win and not bank.last_untried
+    plain = skills_lib.SkillBank()
+    plain.add("t", win, {"reward": 1.0, "success": True})
+    plain.add("t", loss, {"reward": 0.0, "success": False})
+    assert plain.retrieve("t")[1] == loss and plain.last_untried     # the paper's letter: the newest untried
+    cfg, _, rows = run(tmp_path, "src", "--method", "skill-sd", "--skill-credit", "source", iterations=3)
+    assert [r["picks"] for r in rows] == [0, 2, 2] and all(r["untried_picks"] == 0 for r in rows)
+    state = torch.load(str(tmp_path / "src" / "ckpt" / "trainer_state.pt"), weights_only=False)
+    bank = skills_lib.SkillBank.load(str(tmp_path / "src" / "ckpt" / "skill_bank.json"))
+    assert set(state["pending_credit"]) == {t.task_id for t in make_env("sokoban", "easy").train_tasks[:2]}
+    for tid, entries in bank.tasks.items():
+        picked = [e for e in entries["entries"] if e["picks"]]
+        # picked at iteration 2 (credited at 3: prior + 1 update) and at 3 (pending: prior only), or once twice
+        assert sum(e["updates"] - e["prior"] for e in picked) == 1
+    g, _, grows = run(tmp_path, "grp", "--method", "skill-sd", iterations=3)
+    assert grows[1]["untried_picks"] == 2 and grows[1]["exploit_picks"] == 0          # per iteration, not cumulative
+    assert all(r["untried_picks"] + r["exploit_picks"] == r["picks"] for r in grows)
