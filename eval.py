@@ -219,7 +219,8 @@ def trainer_pick_gap(run, tasks, eps, samples, sampled, seed, make_skill) -> dic
         diff = {task_key(t): teacher["per_task_success"][task_key(t)] - student["per_task_success"][task_key(t)]
                 for t in picked}
         won = {key: bank.entry(key, hit[0]).get("source_success") for key, hit in picks.items() if hit}
-        row = {"tasks": len(picked), "teacher_acc": _pct(teacher), "gap": tuple(100 * x for x in mean_se(list(diff.values()))),
+        gap = mean_se(list(diff.values()))
+        row = {"tasks": len(picked), "teacher_acc": _pct(teacher), "gap": (100 * gap[0], 100 * gap[1]),
                "from_success": float(sum(won.values()) / max(1, len(won)))}
         for name, success in (("success", True), ("failure", False)):
             part = [d for key, d in diff.items() if won[key] == success]

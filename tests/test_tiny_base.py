@@ -196,12 +196,12 @@ def test_recipe_flag_rejects_unknown_keys_and_bad_values():
 
 
 def test_variant_organism_folders_get_the_tiny_profile():
-    import train
+    import config
     variant = os.path.join(tb.CACHE_ROOT, "tiny-sokoban-0123456789ab")
-    cfg = train.parse_args(["--model", variant, "--run-dir", os.devnull])
-    profile = train.TINY_PROFILES["tiny-sokoban"]
+    cfg = config.parse_args(["--model", variant, "--run-dir", os.devnull])
+    profile = config.TINY_PROFILES["tiny-sokoban"]
     assert all(getattr(cfg, k) == v for k, v in profile.items()) and cfg.summarizer == "rule"
-    other = train.parse_args(["--model", "/models/Qwen3-4B", "--run-dir", os.devnull])
+    other = config.parse_args(["--model", "/models/Qwen3-4B", "--run-dir", os.devnull])
     assert other.lam == 1e-3 and other.max_turns == 40 and other.summarizer == "policy"
 
 
