@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+import run_folder
 from common import mean_se, read_jsonl
 
 METHOD_NAMES = {"grpo": "Vanilla GRPO", "opd": "Vanilla OPD", "skill-grpo": "Skill-augmented GRPO",
@@ -295,11 +296,9 @@ def run_command(here: str, arm: str, seed: int, extra: list[str], d: str) -> lis
     stopped before its first checkpoint left (that run starts again from scratch, its partial log removed)."""
     cmd = [sys.executable, os.path.join(here, "train.py"), "--env", "sokoban", *TABLE_ARMS[arm], "--seed", str(seed),
            *extra, "--run-dir", d]
-    if any(os.path.exists(os.path.join(d, c, "trainer_state.pt")) for c in ("ckpt", "ckpt.prev", "ckpt.old")):
+    if run_folder.checkpoints(d):
         return cmd + ["--resume", d]
-    if any(os.path.exists(os.path.join(d, n)) for n in ("config.json", "log.jsonl", "eval.jsonl")):
-        return cmd + ["--overwrite"]
-    return cmd
+    return cmd + (["--overwrite"] if run_folder.run_files(d) else [])
 
 
 def _terminate(signum, frame):
