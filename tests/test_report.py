@@ -63,3 +63,19 @@ def test_paper_table_keeps_finished_runs_and_reports_a_failed_one(tmp_path):
     assert "no-such-model" in (root / "grpo-s1" / "train.out").read_text()
     with pytest.raises(SystemExit, match="choose from"):
         report.run_table(str(root), [0], 1, ["nope"], [])
+
+
+def test_paired_statistics_by_exact_enumeration():
+    """The sign test is the exact binomial tail (ties dropped), two-sided; the interval uses Student's t."""
+    assert report.sign_test(0, 5) == pytest.approx(2 / 32)              # all 5 seeds one way: 2 * 1/32
+    assert report.sign_test(3, 7) == pytest.approx(2 * (1 + 10 + 45 + 120) / 1024)
+    assert report.sign_test(5, 5) == 1.0 and report.sign_test(0, 0) == 1.0
+    p = report.paired_summary([-1.0, -2.0, -3.0, -4.0, -5.0, 0.0])
+    se = (sum((x + 2.5) ** 2 for x in (-1, -2, -3, -4, -5, 0)) / 5) ** 0.5 / 6 ** 0.5   # sample s.d. / sqrt(n)
+    assert (p["n"], p["wins"], p["losses"]) == (6, 0, 5) and p["mean"] == pytest.approx(-2.5)
+    assert p["se"] == pytest.approx(se) and p["lo"] == pytest.approx(-2.5 - 2.571 * se)
+    assert p["p_sign"] == pytest.approx(2 / 32)
+    line = report.paired_lines([{"base": False, "label": "Skill-SD", "d_ref": [-1.0, -2.0, -3.0, -4.0, -5.0, 0.0]}],
+                               "Vanilla GRPO")
+    assert line.startswith("Skill-SD − Vanilla GRPO, Acc paired over 6 seeds: -2.5 ± ")
+    assert "better on 0 of 6 seeds, sign test p = 0.062" in line

@@ -1,18 +1,21 @@
 """Tests for skills.py: parsing (incl. fuzz), the skill cap, UCB order, bank caps/dedup/round trip, async == sync, the
-HTTP summarizer against a stdlib fake server, the LLM summarizer on the tiny model, and that the teacher prompt is the
+HTTP summarizer against a stdlib fake server (and a closed port, and a socket that never answers: the fallback
+summarises every trajectory), the LLM summarizer on the tiny model, and that the teacher prompt is the
 student prompt plus one contiguous block. The rule summarisers are tested in test_rule_skills.py."""
 import http.server
 import json
 import math
 import random
+import socket
 import threading
+import time
 
 import pytest
 
 from rule_skills import AppWorldRuleSummarizer
-from skills import (FALLBACKS, MAX_SKILL_CHARS, PRIVILEGED_HEADER, SKILL_HEADER, AsyncSummarizer, HTTPSummarizer,
-                    LLMSummarizer, Skill, SkillBank, SummaryRequest, parse_skill, privileged_block, summary_messages,
-                    with_skill)
+from skills import (FALLBACKS, MAX_SKILL_CHARS, PRIVILEGED_HEADER, SKILL_HEADER, AsyncSummarizer, FallbackSummarizer,
+                    HTTPSummarizer, LLMSummarizer, Skill, SkillBank, SummaryRequest, parse_skill, privileged_block,
+                    summary_messages, with_skill)
 from test_rule_skills import APPWORLD_TRAJ, ROOM, _episode
 
 GOOD = {"success_analysis": "Pushing right worked.", "mistake_analysis": "Walked into the wall.",
@@ -216,7 +219,7 @@ def test_async_skills_arrive_later_and_errors_are_counted():
     assert worker.collect() == [] and worker.pending == 2            # not ready within this iteration
     gate.set()
     worker.wait()
-    assert worker.collect() == [("a", _skill(0), {"reward": 0.0, "success": False})]
+    assert worker.collect() == [("a", _skill(0), {"reward": 0.0, "success": False, "order": ()})]
     assert worker.num_errors == 1
     worker.close()
     with pytest.raises(RuntimeError):
@@ -271,7 +274,78 @@ def test_http_summarizer(fake_server):
     assert "Count my playlists." in body["messages"][1]["content"]
     assert "not a valid JSON" in _FakeChat.seen[2][2]["messages"][1]["content"]
     dead = HTTPSummarizer("http://127.0.0.1:9", "m", timeout=2)       # nothing listens there
-    assert dead.summarize([req, req]) == [None, None] and dead.num_errors == 4
+    assert dead.summarize([req, req]) == [None, None]
+    assert dead.num_errors + dead.num_unsent == 2 and dead.num_failed == 2   # no reminder retry on a dead server
+
+
+def _closed_port():
+    with socket.socket() as s:              # bound, then closed: nothing listens there now
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def silent_server():
+    """A socket that accepts connections and never answers."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    yield f"http://127.0.0.1:{srv.getsockname()[1]}"
+    srv.close()
+
+
+def _sokoban_requests(n):
+    return [SummaryRequest(f"level-{i}", "sokoban", "Push the box.", [{"reply": "<action>up</action>",
+                                                                        "observation": "# P #", "valid": True}],
+                           {"success": False, "reward": 0.0}) for i in range(n)]
+
+
+class _Fixed:
+    def __init__(self, skill):
+        self.skill, self.seen = skill, []
+
+    def summarize(self, requests):
+        self.seen += [r.task_id for r in requests]
+        return [self.skill for _ in requests]
+
+
+@pytest.mark.parametrize("where", ["closed port", "silent server"])
+def test_unreachable_server_loses_no_trajectory(where, silent_server, caplog):
+    url = f"http://127.0.0.1:{_closed_port()}" if where == "closed port" else silent_server
+    reqs = _sokoban_requests(5)
+    fallback = _Fixed(Skill(**GOOD))
+    summ = FallbackSummarizer(HTTPSummarizer(url, "m", timeout=0.5, max_workers=1), fallback)
+    t0 = time.time()
+    with caplog.at_level("WARNING", logger="skills"):
+        out = summ.summarize(reqs)
+    assert time.time() - t0 < 3                        # one timeout for the batch, not one (or two) per trajectory
+    assert out == [Skill(**GOOD)] * 5 and fallback.seen == [r.task_id for r in reqs]   # every one, in order
+    assert summ.stats() == {"http_errors": 1, "http_unsent": 4, "http_no_skill": 5, "skills_primary": 0,
+                            "skills_fallback": 5}
+    why = "refused the connection" if where == "closed port" else "did not answer in time"
+    assert any(why in r.getMessage() and url in r.getMessage() for r in caplog.records)
+    assert any("5 of 5 trajectories got no skill" in r.getMessage() for r in caplog.records)
+    with AsyncSummarizer(summ, synchronous=True) as worker:     # the count reaches train.py's log line
+        worker.submit(0, reqs[:2])
+        assert len(worker.collect()) == 2 and worker.stats()["skills_fallback"] == 7
+
+
+def test_fallback_fills_only_the_gaps_and_survives_a_raising_primary():
+    reqs = _sokoban_requests(3)
+    good, other = Skill(**GOOD), Skill("a", "b", "c")
+
+    class Gappy:
+        def summarize(self, requests):
+            return [good, None, good]
+
+    class Raising:
+        def summarize(self, requests):
+            raise RuntimeError("boom")
+
+    summ = FallbackSummarizer(Gappy(), _Fixed(other))
+    assert summ.summarize(reqs) == [good, other, good] and (summ.num_primary, summ.num_fallback) == (2, 1)
+    summ = FallbackSummarizer(Raising(), _Fixed(other))
+    assert summ.summarize(reqs) == [other] * 3 and summ.num_fallback == 3
 
 
 def test_summary_messages_truncate_and_report_outcome():

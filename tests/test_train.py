@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import dist
 import eval as eval_lib
 import model as model_lib
 import skills as skills_lib
@@ -114,10 +115,12 @@ def update(cfg, model, ledgers, prompts, adv, logp_old, teacher, has_teacher, lo
     m = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(m.parameters(), lr=1e-3)
     run = train.Run(cfg, train.resolve_arm(cfg), torch.device("cpu"), m, None, None, optimizer, None, None, None,
-                    None, None, np.random.default_rng(0), None, None)
+                    None, None, np.random.default_rng(0), None, dist.Single(), model_lib.LogProbs(m))
     mask = model_lib.trainable_mask(ledgers)                                      # (B, T)
     sdl_mask = mask * has_teacher[:, None] * (1.0 if sdl_tokens is None else sdl_tokens)        # (B, T)
-    batch = train.Batch([None] * len(ledgers), [], [], ledgers=ledgers, student_prompts=prompts, adv=adv,
+    B = len(ledgers)
+    batch = train.Batch(0, [None] * B, list(range(B)), [None] * B, [], [], everyone=[{}] * B, ledgers=ledgers,
+                        student_prompts=prompts, adv=adv,
                         has_teacher=has_teacher, mask=mask, sdl_mask=sdl_mask, logp_old=logp_old, logp_teacher=teacher,
                         logp_behaviour=logp_old, logp_ref=logp_ref)
     stats = train.ppo_update(run, batch, cfg.lam if lam is None else lam)
@@ -309,6 +312,42 @@ def test_rho_is_one_on_the_first_mini_batch_at_temperature_0_7(tmp_path, monkeyp
             t = torch.tensor(L.trainable).bool()
             assert (batch.logp_old[b, :len(L.ids)][t] - torch.tensor(L.logprobs)[t]).abs().max() < 1e-4
     assert abs(seen[1][1]["rho_max"] - 1) < 1e-5
+
+
+def test_bf16_autocast_on_cpu_keeps_rho_at_one(tmp_path, monkeypatch):
+    """--autocast bf16: log π_old, the teacher and the update's log π_θ all run under bf16 autocast (fp32 weights), so
+    with one row per forward (the CPU default) the first of one mini-batch still has ρ = ratio = 1; and log π_old
+    really is bf16's (off the fp32 score by more than float noise), so the check can fail. (With 3 rows per forward
+    the update's permuted micro-batches pad differently from the scoring pass, and bf16 rounds the two apart: the
+    ratio then lies 5e-4 from 1 on the first mini-batch, where fp32 stays within 1e-6.)"""
+    seen, real = [], train.ppo_update
+
+    def spy(run, batch, lam, **kw):
+        with torch.no_grad():
+            fp32 = model_lib.score_under_prompt(run.model, batch.ledgers, batch.student_prompts, trainable_only=True)
+        stats = real(run, batch, lam, **kw)
+        seen.append((batch, stats, fp32))
+        return stats
+
+    monkeypatch.setattr(train, "ppo_update", spy)
+    run(tmp_path, "bf16", "--autocast", "bf16", "--mini-batches", "1", "--micro-batch-size", "1", iterations=2)
+    for batch, stats, fp32 in seen:
+        assert abs(stats["ratio_max"] - 1) < 1e-5 and abs(stats["ratio_min"] - 1) < 1e-5
+        assert (batch.logp_old - fp32)[batch.mask.bool()].abs().max() > 1e-4
+    assert abs(seen[1][1]["rho_max"] - 1) < 1e-5
+
+
+def test_packed_micro_batches_train_as_padded_ones(tmp_path):
+    """--pack runs each micro-batch of 3 rows as one packed row in scoring and updates: the same rewards and draws,
+    losses within float noise, the same weights to 1e-5 (model.score's parity test bounds the log-probs)."""
+    _, _, plain = run(tmp_path, "padded", iterations=2)
+    _, _, packed = run(tmp_path, "packed", "--pack", iterations=2)
+    for a, b in zip(plain, packed):
+        assert (a["reward"], a["acc"], a["bank"]) == (b["reward"], b["acc"], b["bank"])
+        for k in ("loss_grpo", "loss_sdl", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-7), k
+    wa, wb = params(tmp_path / "padded" / "ckpt" / "model"), params(tmp_path / "packed" / "ckpt" / "model")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-5
 
 
 def spy_run(tmp_path, monkeypatch, name, *extra, iterations=3):
