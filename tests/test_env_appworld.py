@@ -347,6 +347,7 @@ def test_port_in_use(fake_bin, fake_root):
 
 SIGNAL_SCRIPT = """
 import os, sys, time, signal
+signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal: `cmd &` in a script starts it ignored
 sys.path.insert(0, {repo!r})
 import env_appworld as aw
 env = aw.AppWorldEnv(root={root!r}, appworld_bin={bin!r}, num_slots=2).start()
