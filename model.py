@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.checkpoint import checkpoint
 from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerFast, Qwen3Config,
-                          Qwen3ForCausalLM)
+                          Qwen3ForCausalLM, StaticCache)
 
 REBUILD_FACTOR = 2.0        # re-prefill when the cache is this many times longer than the longest compact row
 LOGIT_CHUNK_ELEMS = 1 << 24  # score(): at most this many (row, token, vocab) logits alive per chunk (64 MB fp32)
@@ -235,11 +235,33 @@ def encode_segment(tokenizer, observation: str) -> list[int]:
 
 @dataclass
 class DecodeState:
+    """The batch being decoded on a DynamicCache: rows leave it when their episode ends (`select`)."""
     cache: object             # transformers DynamicCache, updated in place
     mask: torch.Tensor        # (B, S) 1 = real token in that physical slot, 0 = left pad / hole
     rows: list[int]           # batch row -> episode index
     keyword: str              # "cache" (transformers >= 5.24) or "past_key_values"
     stats: dict               # forward-token counters (prefill_tokens: prompt + chunks, decode_tokens, rebuilds)
+    decoder: object = None    # the StaticDecoder that adopts re-prefilled states (None: stay dynamic)
+
+    def forward(self, model, ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+        """Feed n new columns (left-padded chunk or one decode token); return the last logits (B, V) in fp32."""
+        n = ids.shape[1]
+        self.mask = torch.cat([self.mask, new_mask], 1)                         # (B, S + n)
+        before = self.cache.get_seq_length()
+        out = model(input_ids=ids, attention_mask=self.mask, position_ids=position_ids(self.mask, n),
+                    use_cache=True, logits_to_keep=1, **{self.keyword: self.cache})
+        grown = self.cache.get_seq_length() - before
+        if grown != n:
+            raise RuntimeError(f"KV cache did not grow by {n} tokens (grew by {grown}): the model ignored "
+                               f"`{self.keyword}=`; this transformers version may expect another cache keyword")
+        return out.logits[:, -1].float()                                        # (B, V)
+
+    def select(self, keep: list[int]):
+        """Keep only these batch rows (finished episodes leave the compute)."""
+        index = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]                                            # (B', S)
+        self.rows = [self.rows[b] for b in keep]
 
 
 def cache_keyword(model) -> str:
@@ -259,23 +281,11 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids, mask
 
 
-def _forward(model, state: DecodeState, ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
-    """Feed n new columns (left-padded chunk or one decode token); return the last logits (B, V) in fp32."""
-    n = ids.shape[1]
-    state.mask = torch.cat([state.mask, new_mask], 1)                           # (B, S + n)
-    before = state.cache.get_seq_length()
-    out = model(input_ids=ids, attention_mask=state.mask, position_ids=position_ids(state.mask, n),
-                use_cache=True, logits_to_keep=1, **{state.keyword: state.cache})
-    grown = state.cache.get_seq_length() - before
-    if grown != n:
-        raise RuntimeError(f"KV cache did not grow by {n} tokens (grew by {grown}): the model ignored "
-                           f"`{state.keyword}=`; this transformers version may expect another cache keyword")
-    return out.logits[:, -1].float()                                            # (B, V)
-
-
-def prefill(model, prompts: list[list[int]], pad_id: int, rows: list[int] | None = None, stats: dict | None = None):
+def prefill(model, prompts: list[list[int]], pad_id: int, rows: list[int] | None = None, stats: dict | None = None,
+            decoder=None):
     """Left-pad and forward the prompts into a fresh cache; identical prompts are prefilled once and repeated
-    (GRPO groups). Returns (state, logits (B, V)) for the first sampled token."""
+    (GRPO groups). Returns (state, logits (B, V)) for the first sampled token; with a StaticDecoder the state is moved
+    into its preallocated cache (a StaticState)."""
     uniq, inverse = {}, []
     for p in prompts:
         inverse.append(uniq.setdefault(tuple(p), len(uniq)))
@@ -286,7 +296,7 @@ def prefill(model, prompts: list[list[int]], pad_id: int, rows: list[int] | None
         stats.setdefault(key, 0)
     state = DecodeState(DynamicCache(config=model.config), mask[:, :0], list(rows or range(len(prompts))),
                         cache_keyword(model), stats)
-    logits = _forward(model, state, ids, mask)                                  # (U, V)
+    logits = state.forward(model, ids, mask)                                    # (U, V)
     stats["prefill_tokens"] += int(mask.sum())
     if len(uniq) < len(prompts):
         G = len(prompts) // len(uniq)
@@ -298,13 +308,13 @@ def prefill(model, prompts: list[list[int]], pad_id: int, rows: list[int] | None
             state.cache.batch_select_indices(index)
             state.mask = state.mask[index]                                      # (B, L)
         logits = logits[torch.tensor(inverse, device=device)]                   # (B, V)
-    return state, logits
+    return (decoder.adopt(state) if decoder is not None else state), logits
 
 
 def decode_step(model, state: DecodeState, tok: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
     """Feed one token per row; rows no longer live get a masked filler column. Returns logits (B, V)."""
     state.stats["decode_tokens"] += int(live.sum())
-    return _forward(model, state, tok[:, None], live[:, None].long())           # (B, V)
+    return state.forward(model, tok[:, None], live[:, None].long())             # (B, V)
 
 
 def append_chunk(model, state: DecodeState, chunks: list[list[int]], pad_id: int) -> torch.Tensor:
@@ -312,7 +322,7 @@ def append_chunk(model, state: DecodeState, chunks: list[list[int]], pad_id: int
     last column is real in every row. Returns logits (B, V) for the next reply's first token."""
     ids, mask = _left_pad(chunks, pad_id, state.mask.device)                    # (B, n)
     state.stats["prefill_tokens"] += int(mask.sum())
-    return _forward(model, state, ids, mask)
+    return state.forward(model, ids, mask)
 
 
 def sample(logits: torch.Tensor, sampling: SamplingConfig, generator=None, live: torch.Tensor | None = None):
@@ -373,6 +383,131 @@ def generate_turn(model, state: DecodeState, logits: torch.Tensor, sampling: Sam
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# the compiled path: a preallocated (static) KV cache and a decode step compiled once per shape bucket
+
+def _decode_call(model, cache, keyword: str, ids, pos, bias):
+    """One decode step of fixed shapes: ids, pos (R, 1), bias (R, 1, 1, L) additive mask -> logits (R, V) fp32."""
+    return model(input_ids=ids, attention_mask=bias, position_ids=pos, use_cache=True, logits_to_keep=1,
+                 **{keyword: cache}).logits[:, -1].float()
+
+
+class StaticDecoder:
+    """Compiled decoding for one model, after gpt-fast: every decode step runs `torch.compile`d (CUDA: mode
+    "reduce-overhead", i.e. CUDA graphs) on a transformers StaticCache of a fixed shape, so a shape compiles once.
+    Shapes come in buckets: rows a power of two (finished rows stay, masked, until half the bucket is free, then the
+    live rows move to the smaller bucket), slots doubling from `min_slots`. Prefill and observation chunks run eager
+    (HF never compiles prefill either). The attention mask is built here as a 4D additive bias, which transformers
+    takes as is, so causality and padding follow our own physical slots exactly as in the dynamic path.
+
+    Keep one decoder per model and pass it to every rollout: it holds the compiled step and its `keep` most recently
+    used caches (their addresses stay fixed, as CUDA graphs need). One rollout at a time per decoder.
+    backend: torch.compile's backend ("inductor"; tests use "aot_eager" for speed)."""
+
+    def __init__(self, model, backend: str = "inductor", min_slots: int = 256, keep: int = 2):
+        if _uses_sliding_window(model.config):
+            raise ValueError("compiled decoding needs full attention: this config has sliding-window layers")
+        attn = getattr(model.config, "_attn_implementation", "sdpa")
+        if attn not in ("sdpa", "eager"):
+            raise ValueError(f"compiled decoding passes a 4D mask, which attn_implementation={attn!r} does not take; "
+                             f"load the model with attn_implementation='sdpa'")
+        self.config, self.keyword, self.min_slots, self.keep = model.config, cache_keyword(model), min_slots, keep
+        self.device = next(model.parameters()).device
+        mode = "reduce-overhead" if self.device.type == "cuda" and backend == "inductor" else None
+        self.step = torch.compile(_decode_call, backend=backend, mode=mode)
+        self.pool = {}      # (rows, slots) -> (StaticCache, bias (rows, slots)); insertion order = recency
+
+    def buffers(self, rows: int, slots: int, like_cache):
+        """A reset StaticCache of this shape (allocated on first use, then reused) and its bias buffer."""
+        key = (rows, slots)
+        if key in self.pool:
+            self.pool[key] = self.pool.pop(key)                                 # most recent last
+        else:
+            while len(self.pool) >= self.keep:
+                self.pool.pop(next(iter(self.pool)))
+            cache = StaticCache(config=self.config, max_cache_len=slots)
+            for layer, src in zip(cache.layers, like_cache.layers):            # allocate now, from a layer's shape
+                k, v = src.keys, src.values                                     # (B, H, S, D)
+                layer.lazy_initialization(k.new_empty(rows, k.shape[1], 0, k.shape[3]),
+                                          v.new_empty(rows, v.shape[1], 0, v.shape[3]))
+            bias = torch.empty(rows, slots, dtype=like_cache.layers[0].keys.dtype, device=self.device)   # as q, k
+            if self.device.type == "cuda":
+                torch._dynamo.mark_static_address(bias)                         # CUDA graphs read it in place
+            self.pool[key] = cache, bias
+        cache, bias = self.pool[key]
+        cache.reset()
+        bias.fill_(torch.finfo(bias.dtype).min)                                # nothing visible yet
+        return cache, bias
+
+    def bucket(self, n: int, low: int) -> int:
+        return max(low, 1 << (n - 1).bit_length())
+
+    def adopt(self, state: DecodeState) -> StaticState:
+        """Move a freshly prefilled dynamic state into a static cache (rows 0..B-1, slots 0..S-1)."""
+        B, S = state.mask.shape
+        static = StaticState(None, state.mask, state.rows, state.keyword, state.stats, self)
+        static.phys = torch.arange(B, device=state.mask.device)
+        static.move(self.bucket(B, 1), self.bucket(S + 1, self.min_slots), source=state.cache)
+        return static
+
+
+@dataclass
+class StaticState(DecodeState):
+    """A DecodeState on a StaticDecoder's cache: batch row b lives at cache row phys[b] of a bucket of `capacity`
+    rows and `slots` slots; the bias buffer (capacity, slots) is 0 where a row may attend, finfo.min elsewhere."""
+    phys: torch.Tensor = None    # (B,) cache row of each batch row
+    bias: torch.Tensor = None    # (R, L) additive attention mask over physical slots
+    capacity: int = 0
+    slots: int = 0
+
+    def move(self, rows: int, slots: int, source=None):
+        """Copy the live rows (and their first S slots) into a (rows, slots) bucket; rows 0..B-1 in batch order."""
+        S, B = self.mask.shape[1], len(self.rows)
+        src_cache, src_bias, src_rows = source or self.cache, self.bias, self.phys
+        cache, bias = self.decoder.buffers(rows, slots, src_cache)
+        for dst, src in zip(cache.layers, src_cache.layers):
+            dst.keys[:B, :, :S] = src.keys[src_rows, :, :S]                      # (B, H, S, D)
+            dst.values[:B, :, :S] = src.values[src_rows, :, :S]
+            dst.cumulative_length.fill_(S)
+        if src_bias is None:
+            bias[:B, :S] = torch.where(self.mask.bool(), 0.0, torch.finfo(bias.dtype).min)
+        else:
+            bias[:B, :S] = src_bias[src_rows, :S]
+        self.cache, self.bias, self.capacity, self.slots = cache, bias, rows, slots
+        self.phys = torch.arange(B, device=self.mask.device)
+
+    def forward(self, model, ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+        n, S = ids.shape[1], self.mask.shape[1]
+        if S + n > self.slots:                                                  # next slot bucket
+            self.move(self.capacity, self.decoder.bucket(S + n, self.decoder.min_slots))
+        self.mask = torch.cat([self.mask, new_mask], 1)                         # (B, S + n)
+        full_ids = ids.new_zeros(self.capacity, n)                              # (R, n) dead rows: token 0
+        full_ids[self.phys] = ids
+        pos = torch.zeros_like(full_ids)
+        pos[self.phys] = position_ids(self.mask, n)                             # (R, n) logical positions
+        self.bias[self.phys, S:S + n] = torch.where(new_mask.bool(), 0.0, torch.finfo(self.bias.dtype).min)
+        if n == 1:      # slots after S were never written for any row, so the bias alone is causal
+            logits = self.decoder.step(model, self.cache, self.keyword, full_ids, pos, self.bias[:, None, None, :])
+            logits = logits.clone()                                             # a CUDA graph reuses its output
+        else:           # an observation chunk, eager: causal inside the chunk as well
+            slot = torch.arange(self.slots, device=ids.device)
+            future = slot[None, :] > S + torch.arange(n, device=ids.device)[:, None]           # (n, L)
+            bias = self.bias[:, None, None, :].expand(-1, 1, n, -1).masked_fill(future, torch.finfo(self.bias.dtype).min)
+            logits = model(input_ids=full_ids, attention_mask=bias, position_ids=pos, use_cache=True,
+                           logits_to_keep=1, **{self.keyword: self.cache}).logits[:, -1].float()
+            if int(self.cache.get_seq_length()) != S + n:
+                raise RuntimeError(f"the static cache did not grow by {n} tokens: the model ignored "
+                                   f"`{self.keyword}=`")
+        return logits[self.phys]                                                # (B, V)
+
+    def select(self, keep: list[int]):
+        index = torch.tensor(keep, device=self.mask.device)
+        self.phys, self.mask = self.phys[index], self.mask[index]               # (B',), (B', S)
+        self.rows = [self.rows[b] for b in keep]
+        if len(keep) <= self.capacity // 2:                                     # half the bucket free: shrink
+            self.move(self.decoder.bucket(len(keep), 1), self.slots)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # rollout: drive episodes (the episode protocol, METHOD.md §11) turn by turn on one cache
 
 def _extend(ledger: Ledger, ids: list[int], logprobs: list[float] | None = None):
@@ -393,33 +528,31 @@ def _uses_sliding_window(config) -> bool:
 
 
 def _next_turn(model, state: DecodeState, keep: list[int], chunks: list[list[int]], ledger_ids: list[list[int]],
-               pad_id: int, reprefill: bool) -> torch.Tensor:
+               pad_id: int, reprefill: bool):
     """Drop finished rows from the batch, then append the kept rows' chunks to the cache, or rebuild the cache from
-    the compact ledgers when asked to or when holes make it REBUILD_FACTOR x longer than the longest row."""
+    the compact ledgers when asked to or when holes make it REBUILD_FACTOR x longer than the longest row.
+    Returns (state, logits (B', V))."""
     if len(keep) < len(state.rows):                     # finished episodes leave the compute
-        index = torch.tensor(keep, device=state.mask.device)
-        state.cache.batch_select_indices(index)
-        state.mask = state.mask[index]                                          # (B', S)
-        state.rows = [state.rows[b] for b in keep]
+        state.select(keep)
     ledger_ids = [ledger_ids[b] for b in keep]
     if reprefill or state.mask.shape[1] + max(map(len, chunks)) > REBUILD_FACTOR * max(map(len, ledger_ids)):
         state.stats["rebuilds"] += 1
-        fresh, logits = prefill(model, ledger_ids, pad_id, state.rows, state.stats)
-        state.cache, state.mask = fresh.cache, fresh.mask
-        return logits
-    return append_chunk(model, state, chunks, pad_id)
+        return prefill(model, ledger_ids, pad_id, state.rows, state.stats, state.decoder)
+    return state, append_chunk(model, state, chunks, pad_id)
 
 
 @torch.no_grad()
 def rollout(model, tokenizer, episodes, sampling: SamplingConfig, generator=None,
             prompts: list[list[dict]] | None = None, step_fn=None, max_context: int = 8192, progress=None,
-            reprefill: bool = False, stats: dict | None = None) -> list[Ledger]:
+            reprefill: bool = False, stats: dict | None = None, compile=False) -> list[Ledger]:
     """Play the episodes to the end with one batched, cross-turn KV cache; one Ledger per episode.
 
     generator: a torch.Generator, or a list with one per episode (sampling independent of the batch);
     prompts: per-episode initial messages replacing ep.initial_messages(); step_fn(episodes, replies) -> [(obs, done)]
     (default: ep.step one by one); progress: a tqdm bar advanced per finished episode; reprefill: rebuild the cache
-    from the ledgers every turn instead of appending (baseline); stats: a dict that receives forward-token counters.
+    from the ledgers every turn instead of appending (baseline); stats: a dict that receives forward-token counters;
+    compile: True or a StaticDecoder (reuse one across calls: its compiled steps and caches are kept) decodes on a
+    preallocated cache with a compiled step, same tokens as the dynamic path (greedy; log-probs within float error).
     """
     if sampling.max_new_tokens < 1:
         raise ValueError("sampling.max_new_tokens must be >= 1")
@@ -428,6 +561,7 @@ def rollout(model, tokenizer, episodes, sampling: SamplingConfig, generator=None
     stop, pad_id = stop_token_ids(tokenizer), tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else stop[0]
     reprefill = reprefill or _uses_sliding_window(model.config)
+    decoder = compile if isinstance(compile, StaticDecoder) else StaticDecoder(model) if compile else None
     room = sampling.max_new_tokens + 1                  # one more reply plus a possibly forced end-of-turn
     ledgers = []
     for msgs in messages:
@@ -452,7 +586,7 @@ def rollout(model, tokenizer, episodes, sampling: SamplingConfig, generator=None
     was_training = model.training
     model.eval()
     try:
-        state, logits = prefill(model, [ledgers[i].ids for i in rows], pad_id, rows, stats)
+        state, logits = prefill(model, [ledgers[i].ids for i in rows], pad_id, rows, stats, decoder)
         while True:
             gen = [generator[i] for i in state.rows] if isinstance(generator, (list, tuple)) else generator
             turn = generate_turn(model, state, logits, sampling, gen, stop, pad_id)
@@ -477,7 +611,8 @@ def rollout(model, tokenizer, episodes, sampling: SamplingConfig, generator=None
                     chunks.append(toks[-1:] + forced + seg)   # the pending token goes first
             if not keep:
                 return ledgers
-            logits = _next_turn(model, state, keep, chunks, [ledgers[i].ids for i in state.rows], pad_id, reprefill)
+            state, logits = _next_turn(model, state, keep, chunks, [ledgers[i].ids for i in state.rows], pad_id,
+                                       reprefill)
     finally:
         model.train(was_training)
 

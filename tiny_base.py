@@ -17,7 +17,9 @@ its measurements and the history of its design.
 
 The recipe (RECIPE below; every number is ours):
  1. Levels: the "easy" preset's generator (6x6, 1 box, depth 300) from seed 5,000,000 on, disjoint by seed from the
-    train (10,000+) and test (1,000,000+) seeds; episodes of at most 12 turns.
+    train (10,000+) and test (1,000,000+) seeds and by room from the "easy" and "hard" presets' train and test levels
+    (the generator repeats rooms: 13 of the 64 easy test rooms came back among 1,500 pretraining seeds, so such seeds
+    are skipped); episodes of at most 12 turns.
  2. Plain player b0(s): with p_opt the BFS-optimal move, with p_naive the novice's move (one step toward the nearest
     box not on a target, whatever lies there), else uniform. Its mistake is a function of the state only (RESULTS.md
     says why that matters).
@@ -64,6 +66,7 @@ import skills as skills_lib
 RECIPE = dict(
     seed=0,
     level_seed_start=5_000_000,   # pretraining levels (train 10,000+, test 1,000,000+)
+    exclude_presets=["easy", "hard"],   # no pretraining level has the room of one of their train or test levels
     num_levels=1500,
     num_boxes=1, search_depth=300, max_steps=20, max_turns=12,
     p_opt=0.12, p_naive=0.4,      # plain player b0
@@ -133,12 +136,27 @@ def skill_policy(game, workflow: dict, blocked: set, r: dict) -> np.ndarray:
     return p
 
 
+def room_key(level) -> bytes:
+    """A level's room (walls, targets, box and player cells) as bytes: two seeds can generate the same room."""
+    return level.room_fixed.tobytes() + level.room_state.tobytes()
+
+
+def held_out_rooms(presets) -> set:
+    """The rooms of these presets' train and test splits, which pretraining must not see."""
+    return {room_key(lv) for name in presets for split in ("train", "test") for lv in es.load_levels(name, split)}
+
+
 def pretrain_levels(r: dict) -> list:
+    """r["num_levels"] levels from seed r["level_seed_start"] on, skipping seeds that fail to generate and rooms of
+    the r["exclude_presets"] splits (repeats among the pretraining levels themselves are kept)."""
+    held = held_out_rooms(r.get("exclude_presets", []))
     levels, seed = [], r["level_seed_start"]
     while len(levels) < r["num_levels"]:
         try:
-            levels.append(es.make_level_unchecked("pretrain", seed, seed, (6, 6), r["num_boxes"], r["search_depth"],
-                                                  r["max_steps"]))
+            level = es.make_level_unchecked("pretrain", seed, seed, (6, 6), r["num_boxes"], r["search_depth"],
+                                            r["max_steps"])
+            if room_key(level) not in held:
+                levels.append(level)
         except es.SokobanGenerationError:
             pass
         seed += 1
@@ -336,6 +354,7 @@ def recipe_hash(r: dict) -> str:
              inspect.getsource(rule_skills.SokobanRuleSummarizer), inspect.getsource(skills_lib.Skill),
              inspect.getsource(model_lib.build_tiny_model), inspect.getsource(es.SokobanEpisode._observation),
              inspect.getsource(es.position_text)]
+    parts += [repr(es.PRESETS[name]) for name in r.get("exclude_presets", [])]
     parts += [inspect.getsource(f) for f in _RECIPE_FUNCTIONS]
     return hashlib.sha256("\n\x00".join(parts).encode()).hexdigest()[:12]
 
@@ -368,8 +387,8 @@ def build(r: dict, progress=True):
 # the functions whose source is part of the recipe hash (bound at import, so a monkeypatched name does not count)
 _RECIPE_FUNCTIONS = (grid_rows, positions, model_lib.encode_segments, optimal_action, naive_move, plain_policy,
                      rule_skills.workflow_sequence, rule_skills.workflow_moves, rule_skills.blocked_moves, skill_policy,
-                     pretrain_levels, play, generate_episodes, transcript, fixed_phrases, build_tokenizer,
-                     corpus_texts, pretrain, sequence_loss, build)
+                     room_key, held_out_rooms, pretrain_levels, play, generate_episodes, transcript, fixed_phrases,
+                     build_tokenizer, corpus_texts, pretrain, sequence_loss, build)
 
 
 def base_dir(recipe: dict | None = None, cache_root: str | None = None) -> str:
@@ -489,9 +508,16 @@ def parse_recipe(items: list[str]) -> dict:
         if not sep or key not in RECIPE:
             raise SystemExit(f"--recipe {item!r}: use KEY=VALUE with KEY one of {sorted(RECIPE)}")
         try:
-            overrides[key] = type(RECIPE[key])(value)      # every RECIPE entry is an int or a float
+            if isinstance(RECIPE[key], list):               # exclude_presets=easy,hard (or "" for none)
+                overrides[key] = [name for name in value.split(",") if name]
+                if any(name not in es.PRESETS for name in overrides[key]):
+                    raise ValueError
+            else:
+                overrides[key] = type(RECIPE[key])(value)  # every other RECIPE entry is an int or a float
         except ValueError:
-            raise SystemExit(f"--recipe {item!r}: {key} takes a {type(RECIPE[key]).__name__}") from None
+            kind = f"comma-separated list of {sorted(es.PRESETS)}" if isinstance(RECIPE[key], list) else \
+                type(RECIPE[key]).__name__
+            raise SystemExit(f"--recipe {item!r}: {key} takes a {kind}") from None
     return overrides
 
 

@@ -498,3 +498,83 @@ def test_packed_scoring_equals_one_row_in_log_probs_and_gradients(tiny, arch):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for n, ref in grads[0].items():
         assert (grads[1][n] - ref).norm() <= 1e-5 * ref.norm() + 1e-12, n
+
+
+# ------------------------------------------------------------------------------------------------------ compiled path
+
+def _moves(monkeypatch):
+    """Record every bucket StaticState moves to: (rows, slots)."""
+    seen, move = [], M.StaticState.move
+
+    def spy(self, rows, slots, source=None):
+        seen.append((rows, slots))
+        return move(self, rows, slots, source)
+    monkeypatch.setattr(M.StaticState, "move", spy)
+    return seen
+
+
+def test_compiled_decoding_equals_dynamic(model, tok, monkeypatch):
+    """The static-cache path (aot_eager here: the same graph as inductor's, without its C++ build) gives the dynamic
+    path's tokens and log-probs over several turns, while rows finish at different turns (5 rows in a bucket of 8,
+    then 4 when 3 are left), some replies stop and others hit the cap, and the cache outgrows its slot bucket."""
+    turns = (1, 3, 2, 3, 1)
+    seen = _moves(monkeypatch)
+    decoder = M.StaticDecoder(model, backend="aot_eager", min_slots=32)
+    with chatty(model, tok, **GREEDY[model.config.model_type]):
+        _, dynamic = play(model, tok, turns=turns, temperature=0)
+        _, static = play(model, tok, turns=turns, temperature=0, compile=decoder)
+        assert max_cached_error(model, static) <= TOL                           # the hook is on: same model
+    assert [L.ids for L in static] == [L.ids for L in dynamic]
+    assert [L.trainable for L in static] == [L.trainable for L in dynamic]
+    assert max(abs(a - b) for s, d in zip(static, dynamic) for a, b in zip(s.logprobs, d.logprobs)) <= 1e-5
+    rows = [r for r, _ in seen]
+    assert rows[0] == 8 and 4 in rows                                           # the bucket shrank
+    assert len({s for _, s in seen}) >= 2                                       # and the slots grew
+    replies = [r for L in static for r in L.replies]
+    assert len(replies) == sum(turns)
+
+
+def test_compiled_sampling_and_rebuilds_equal_dynamic(models, tok, monkeypatch):
+    """Sampling with per-row streams draws the same tokens on both paths (the logits agree to ~1e-6), and a rebuild
+    (re-prefill from the ledgers) moves the state into the static cache again."""
+    model = models["qwen3"]
+    decoder = M.StaticDecoder(model, backend="aot_eager", min_slots=16)
+    eps = lambda: [EchoEpisode(k, t) for k, t in enumerate((3, 1, 2))]
+    gens = lambda: [torch.Generator().manual_seed(7 + k) for k in range(3)]
+    sampling = M.SamplingConfig(temperature=1.0, max_new_tokens=6)
+    with chatty(model, tok):
+        dynamic = M.rollout(model, tok, eps(), sampling, gens())
+        static = M.rollout(model, tok, eps(), sampling, gens(), compile=decoder)
+        monkeypatch.setattr(M, "REBUILD_FACTOR", 1.0)                         # any hole triggers a rebuild
+        stats = {}
+        rebuilt = M.rollout(model, tok, eps(), sampling, gens(), compile=decoder, stats=stats)
+    assert stats["rebuilds"] >= 1
+    assert [L.ids for L in static] == [L.ids for L in dynamic] == [L.ids for L in rebuilt]
+    assert max(abs(a - b) for s, d in zip(rebuilt, dynamic) for a, b in zip(s.logprobs, d.logprobs)) <= 1e-5
+
+
+def test_compiled_decoding_with_inductor_compiles_once(models, tok):
+    """The real thing on CPU: inductor's C++ decode step equals the dynamic path, and a second rollout of the same
+    shapes reuses the compiled graph (no recompilation)."""
+    from torch._dynamo.utils import counters
+    model = models["qwen3"]
+    decoder = M.StaticDecoder(model, min_slots=64)
+    with chatty(model, tok, **GREEDY["qwen3"]):
+        _, dynamic = play(model, tok, temperature=0)
+        _, static = play(model, tok, temperature=0, compile=decoder)
+        graphs = counters["stats"]["unique_graphs"]
+        _, again = play(model, tok, temperature=0, compile=decoder)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert [L.ids for L in static] == [L.ids for L in dynamic] == [L.ids for L in again]
+    assert max(abs(a - b) for s, d in zip(static, dynamic) for a, b in zip(s.logprobs, d.logprobs)) <= 1e-5
+
+
+def test_compiled_decoding_refuses_what_it_cannot_do(tok):
+    sliding = M.build_tiny_model(tok, seed=0, layer_types=["sliding_attention", "full_attention"],
+                                 sliding_window=16, use_sliding_window=True)
+    with pytest.raises(ValueError, match="sliding-window"):
+        M.StaticDecoder(sliding)
+    flash = M.build_tiny_model(tok, seed=0)
+    flash.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="sdpa"):
+        M.StaticDecoder(flash)
