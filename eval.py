@@ -67,11 +67,11 @@ def per_episode_generators(seed: int, num_tasks: int, samples: int) -> list[torc
 @torch.no_grad()
 def play_tasks(model, tokenizer, env: Env, tasks: list, samples: int, sampling: model_lib.SamplingConfig,
                batch_size: int = 64, generator=None, skill_for: Callable | None = None, progress: bool = False,
-               only: list[int] | None = None):
+               only: list[int] | None = None, compile=False):
     """Play `samples` episodes per task -> (jobs [(task index, sample)], episodes). generator: a list with one per job
     (choice 1), one torch.Generator for all, or None (greedy). skill_for(task) -> skill text or None puts the skill
     block in that task's prompt (the teacher). only: play just these job indices (a rank's share; generator stays
-    indexed by the full job list)."""
+    indexed by the full job list); compile: model.rollout's (a StaticDecoder, or True)."""
     every = [(ti, s) for ti in range(len(tasks)) for s in range(samples)]
     picked = list(range(len(every))) if only is None else list(only)
     jobs, episodes = [every[j] for j in picked], []
@@ -91,7 +91,7 @@ def play_tasks(model, tokenizer, env: Env, tasks: list, samples: int, sampling: 
                 prompts.append(skills_lib.with_skill(ep.initial_messages(), skill) if skill else ep.initial_messages())
             gen = [generator[j] for j in chunk] if isinstance(generator, list) else generator
             model_lib.rollout(model, tokenizer, batch, sampling, generator=gen, prompts=prompts, step_fn=env.step_fn,
-                              max_context=env.max_context)
+                              max_context=env.max_context, compile=compile)
             episodes += batch
             if bar is not None:
                 bar.update(len(chunk))
@@ -105,17 +105,17 @@ def play_tasks(model, tokenizer, env: Env, tasks: list, samples: int, sampling: 
 def evaluate(model, tokenizer, env: Env, tasks: list, samples: int = 1, temperature: float = 0.0,
              max_new_tokens: int = 256, batch_size: int = 64, seed: int = 0,
              skill_for: Callable | None = None, progress: bool = False,
-             shard: tuple[int, int] = (0, 1), gather: Callable | None = None) -> dict:
+             shard: tuple[int, int] = (0, 1), gather: Callable | None = None, compile=False) -> dict:
     """Play `samples` episodes per task and return Acc, Comp, pass@k, mean turns and the format-error rate (and the
     environment's own metrics, e.g. AppWorld's TGC / SGC). shard=(rank, world) with gather(obj) -> [every rank's obj]
     (train.py under torchrun, dist.py): each rank plays every world-th episode and all return the same table, equal
-    to one process's (choice 1 makes an episode's tokens independent of its batch)."""
+    to one process's (choice 1 makes an episode's tokens independent of its batch). compile: model.rollout's."""
     sampling = model_lib.SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens)
     gens = per_episode_generators(seed, len(tasks), samples) if temperature > 0 else None
     rank, world = shard
     only = range(rank, len(tasks) * samples, world)
     _, episodes = play_tasks(model, tokenizer, env, tasks, samples, sampling, batch_size, gens, skill_for, progress,
-                             only)
+                             only, compile)
     played = [(j, ep.result()) for j, ep in zip(only, episodes)]
     if world > 1:
         played = sorted((x for part in gather(played) for x in part), key=lambda x: x[0])
@@ -288,6 +288,8 @@ class EvalConfig:
     max_turns: int = flag(40, "paper: 40 steps (Sokoban) / 40 turns (AppWorld); the tiny base plays 12")
     max_new_tokens: int = flag(256, "per turn; METHOD.md §9")
     batch_size: int = flag(64, "episodes per batch; results do not depend on it (choice 1)")
+    compile: bool = flag(False, "decode with a compiled step on a preallocated KV cache (model.StaticDecoder): same "
+                                "tokens, faster where per-step overhead dominates (`python bench.py`)")
     seed: int = flag(0, "sampling seed")
     with_skill: str = flag("", "path of a skill_bank.json: evaluate the teacher with each task's best skill")
     appworld_root: str = flag("", "$APPWORLD_ROOT with data/ (AppWorld only)")
@@ -366,7 +368,8 @@ def main(argv=None):
         tasks = env.train_tasks if split == "train" else env.test_tasks
         skill_for = best_skill_of(skills_lib.SkillBank.load(cfg.with_skill)) if cfg.with_skill else None
         metrics = evaluate(model, tokenizer, env, tasks, cfg.samples, cfg.temperature, cfg.max_new_tokens,
-                           cfg.batch_size, cfg.seed, skill_for=skill_for, progress=True)
+                           cfg.batch_size, cfg.seed, skill_for=skill_for, progress=True,
+                           compile=model_lib.StaticDecoder(model) if cfg.compile else False)
     except KeyboardInterrupt:
         raise SystemExit("[eval] interrupted: nothing was written") from None
     finally:

@@ -34,6 +34,11 @@ Choices (each names its source):
  8. The built-in "tiny" model: a random Qwen3 config plus a byte-level BPE tokenizer trained in-process on a small
     corpus, with a ChatML template, so tests run with no network through the same chat code as real models.
  9. `attn_implementation="sdpa"` everywhere (eager is tested too; flash-attention with holes in the mask is not).
+10. `rollout(compile=...)` (gpt-fast's recipe): the same loop decodes on a preallocated transformers StaticCache with
+    a `torch.compile`d step (CUDA graphs on a GPU), shapes in buckets so that each compiles once, the attention mask
+    given as our own 4D bias over physical slots; prefill and observation chunks stay eager. Same tokens as the
+    dynamic path, log-probs within 1e-5 (tests). On this CPU it is slower than the dynamic loop (bench.py): it is for
+    GPUs, where the eager loop is bound by kernel launches.
 
 Shape letters: B rows, G group, T tokens, S physical cache slots, V vocabulary, D hidden.
 Run: `python model.py` (self-check: cached log-probs vs one full forward), `python bench.py` (benchmark; also
@@ -42,6 +47,7 @@ Run: `python model.py` (self-check: cached log-probs vs one full forward), `pyth
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -385,6 +391,24 @@ def generate_turn(model, state: DecodeState, logits: torch.Tensor, sampling: Sam
 # ---------------------------------------------------------------------------------------------------------------------
 # the compiled path: a preallocated (static) KV cache and a decode step compiled once per shape bucket
 
+@contextlib.contextmanager
+def _sdpa_gqa(on: bool):
+    """With a mask, transformers repeats grouped-query KV heads before SDPA (5.24 lets the variable, 5.17 does not:
+    TRANSFORMERS_SDPA_FORCE_GQA=1 hand that to SDPA's enable_gqa). The compiled step on the CPU asks for it: there
+    inductor's copy of the repeated cache costs more than the rest of the step (RESULTS.md 12). Set only during the
+    call, restored after."""
+    key, before = "TRANSFORMERS_SDPA_FORCE_GQA", os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
+    if on:
+        os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if on and before is None:
+            os.environ.pop(key, None)
+        elif on:
+            os.environ[key] = before
+
+
 def _decode_call(model, cache, keyword: str, ids, pos, bias):
     """One decode step of fixed shapes: ids, pos (R, 1), bias (R, 1, 1, L) additive mask -> logits (R, V) fp32."""
     return model(input_ids=ids, attention_mask=bias, position_ids=pos, use_cache=True, logits_to_keep=1,
@@ -486,12 +510,14 @@ class StaticState(DecodeState):
         pos[self.phys] = position_ids(self.mask, n)                             # (R, n) logical positions
         self.bias[self.phys, S:S + n] = torch.where(new_mask.bool(), 0.0, torch.finfo(self.bias.dtype).min)
         if n == 1:      # slots after S were never written for any row, so the bias alone is causal
-            logits = self.decoder.step(model, self.cache, self.keyword, full_ids, pos, self.bias[:, None, None, :])
+            with _sdpa_gqa(self.decoder.device.type == "cpu"):
+                logits = self.decoder.step(model, self.cache, self.keyword, full_ids, pos, self.bias[:, None, None, :])
             logits = logits.clone()                                             # a CUDA graph reuses its output
         else:           # an observation chunk, eager: causal inside the chunk as well
             slot = torch.arange(self.slots, device=ids.device)
             future = slot[None, :] > S + torch.arange(n, device=ids.device)[:, None]           # (n, L)
-            bias = self.bias[:, None, None, :].expand(-1, 1, n, -1).masked_fill(future, torch.finfo(self.bias.dtype).min)
+            low = torch.finfo(self.bias.dtype).min
+            bias = self.bias[:, None, None, :].expand(-1, 1, n, -1).masked_fill(future, low)      # (R, 1, n, L)
             logits = model(input_ids=full_ids, attention_mask=bias, position_ids=pos, use_cache=True,
                            logits_to_keep=1, **{self.keyword: self.cache}).logits[:, -1].float()
             if int(self.cache.get_seq_length()) != S + n:

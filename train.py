@@ -187,6 +187,19 @@ class Run:
     rollbacks: int = 0                # --collapse-guard: roll-backs so far
     pending_credit: dict = None       # --skill-credit source: task id -> the skill picked at its last visit
     skips_in_a_row: int = 0           # optimizer steps skipped one after another (the non-finite guard)
+    decoders: list = None             # --compile: [(model, model_lib.StaticDecoder)], one per sampling model
+
+
+def decoder_for(run: Run, model):
+    """--compile: the model's StaticDecoder, made once and kept for the run (a shape then compiles once); else False."""
+    if not run.cfg.compile:
+        return False
+    run.decoders = run.decoders or []
+    for m, decoder in run.decoders:
+        if m is model:
+            return decoder
+    run.decoders.append((model, model_lib.StaticDecoder(model)))
+    return run.decoders[-1][1]
 
 
 def make_summarizer(cfg: TrainConfig, policy, tokenizer) -> skills_lib.AsyncSummarizer:
@@ -384,7 +397,8 @@ def roll_out(run: Run, batch: Batch) -> None:
     with torch.no_grad(), autocast(run):
         gens = episode_generators(run.cfg.seed, batch.iteration, batch.rows, run.device)
         batch.ledgers = model_lib.rollout(sampler, run.tokenizer, batch.episodes, run.sampling, generator=gens,
-                                          prompts=prompts, step_fn=run.env.step_fn, max_context=run.env.max_context)
+                                          prompts=prompts, step_fn=run.env.step_fn, max_context=run.env.max_context,
+                                          compile=decoder_for(run, sampler))
     # the student is scored under the prompt it sampled under (in the ledger), or the plain one off-policy
     batch.student_prompts = [l.ids[: l.prompt_len] for l in batch.ledgers] if run.arm.sampler == "student" else \
         [model_lib.encode_prompt(run.tokenizer, m) for m in batch.plain]
@@ -728,7 +742,8 @@ def run_eval(run: Run, iteration: int) -> dict:
     tasks = run.env.test_tasks[: cfg.eval_tasks] if cfg.eval_tasks else run.env.test_tasks
     m = eval_lib.evaluate(run.policy, run.tokenizer, run.env, tasks, samples=cfg.eval_samples,
                           temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                          shard=(run.ranks.rank, run.ranks.world), gather=run.ranks.gather)
+                          shard=(run.ranks.rank, run.ranks.world), gather=run.ranks.gather,
+                          compile=decoder_for(run, run.policy))
     row = {"iteration": iteration, **{k: v for k, v in m.items() if k != "per_task_success"},
            "seconds": time.time() - t0}
     if run.ranks.main:

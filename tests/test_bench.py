@@ -12,7 +12,8 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 def test_gpu_script_runs_on_cpu_with_a_small_shape():
     f = bench.bench_gpu(small=True, batch=8, prompt_tokens=20, new_tokens=4, turns=2, max_new_tokens=3, tasks=2,
                         group=2, shape=TINY)
-    assert f["bound"] > 0 and all(v > 0 for v in f["decode"].values())
+    assert f["bound"] > 0 and set(f["decode"]) == {"ours", "compiled", "hf"}
+    assert all(v > 0 for v in f["decode"].values())
     assert set(f["iteration"]) == {False, True}
     for row in f["iteration"].values():
         assert row["groups"] == 2 and row["episode_turns"] <= 2

@@ -350,6 +350,17 @@ def test_packed_micro_batches_train_as_padded_ones(tmp_path):
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-5
 
 
+def test_compiled_decoding_trains_as_the_dynamic_path(tmp_path):
+    """--compile decodes rollouts and evaluations with model.StaticDecoder (inductor on the CPU): the same draws
+    (the logits agree to ~1e-6, so every sampled token is the same), rewards, evaluations and losses."""
+    _, _, plain = run(tmp_path, "dynamic", iterations=2)
+    _, _, compiled = run(tmp_path, "compiled", "--compile", iterations=2)
+    for a, b in zip(plain, compiled):
+        assert (a["reward"], a["acc"], a["bank"]) == (b["reward"], b["acc"], b["bank"])
+        for k in ("loss_grpo", "loss_sdl", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-7), k
+
+
 def spy_run(tmp_path, monkeypatch, name, *extra, iterations=3):
     """A SMALL run that records, at every update, the batch and the teacher's expected log-probs scored afresh:
     with the current weights (θ_old) and with θ₀ (a freshly built "tiny" model), under the skill prompt."""
