@@ -337,15 +337,20 @@ def test_bf16_autocast_on_cpu_keeps_rho_at_one(tmp_path, monkeypatch):
     assert abs(seen[1][1]["rho_max"] - 1) < 1e-5
 
 
+def assert_trains_alike(logs_a, logs_b):
+    """Two runs' log rows: the same rewards, evaluations and banks, losses and grad norms within float noise."""
+    for a, b in zip(logs_a, logs_b):
+        assert (a["reward"], a["acc"], a["bank"]) == (b["reward"], b["acc"], b["bank"])
+        for k in ("loss_grpo", "loss_sdl", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-7), k
+
+
 def test_packed_micro_batches_train_as_padded_ones(tmp_path):
     """--pack runs each micro-batch of 3 rows as one packed row in scoring and updates: the same rewards and draws,
     losses within float noise, the same weights to 1e-5 (model.score's parity test bounds the log-probs)."""
     _, _, plain = run(tmp_path, "padded", iterations=2)
     _, _, packed = run(tmp_path, "packed", "--pack", iterations=2)
-    for a, b in zip(plain, packed):
-        assert (a["reward"], a["acc"], a["bank"]) == (b["reward"], b["acc"], b["bank"])
-        for k in ("loss_grpo", "loss_sdl", "grad_norm"):
-            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-7), k
+    assert_trains_alike(plain, packed)
     wa, wb = params(tmp_path / "padded" / "ckpt" / "model"), params(tmp_path / "packed" / "ckpt" / "model")
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-5
 
@@ -355,10 +360,7 @@ def test_compiled_decoding_trains_as_the_dynamic_path(tmp_path):
     (the logits agree to ~1e-6, so every sampled token is the same), rewards, evaluations and losses."""
     _, _, plain = run(tmp_path, "dynamic", iterations=2)
     _, _, compiled = run(tmp_path, "compiled", "--compile", iterations=2)
-    for a, b in zip(plain, compiled):
-        assert (a["reward"], a["acc"], a["bank"]) == (b["reward"], b["acc"], b["bank"])
-        for k in ("loss_grpo", "loss_sdl", "grad_norm"):
-            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-7), k
+    assert_trains_alike(plain, compiled)
 
 
 def spy_run(tmp_path, monkeypatch, name, *extra, iterations=3):
