@@ -3,12 +3,14 @@ across turns vs re-prefilling the history every turn. Every ratio comes from one
 interleaved (median of 3), so load from other processes hits both alike. `--ranks`: seconds per training iteration of
 the default profile (train.py on the tiny base) in one process vs two torchrun ranks, one thread each. `--bf16`: the
 scoring and update passes in fp32 vs under bf16 autocast on the CPU, and the log-prob deviation bf16 causes.
-`--pack`: the same passes one row per forward vs 16 padded vs 16 packed rows. `--gpu`: on CUDA, a random-init
-Qwen3-4B-shaped model in bf16: the bandwidth bound of a decode step, this loop and `generate` against it, and one
-Skill-SD iteration of the Sokoban paper preset with seconds per phase and peak memory (`--gpu --small`: on a CPU).
+`--pack`: the same passes one row per forward vs 16 padded vs 16 packed rows. `--phases`: seconds per phase of a
+default-profile iteration with the previous defaults (one row per forward, log π_old by a forward) and each change.
+`--gpu`: on CUDA, a random-init Qwen3-4B-shaped model in bf16: the bandwidth bound of a decode step, this loop and
+`generate` against it, and one Skill-SD iteration of the Sokoban paper preset with seconds per phase and peak memory
+(`--gpu --small`: on a CPU).
 
-Run: `python bench.py` (also `python model.py --bench`), `python bench.py --ranks | --bf16 | --pack | --gpu`;
-README's tables are its output.
+Run: `python bench.py` (also `python model.py --bench`), `python bench.py --ranks | --bf16 | --pack | --phases |
+--gpu`; README's tables are its output.
 """
 import json
 import os
@@ -160,6 +162,49 @@ def bench_ranks(iterations: int = 6, reps: int = 2):
                                                   for n in launchers))
 
 
+PHASE_CONTENDERS = {   # name -> train.py flags: the previous defaults, then one change at a time
+    "one row per forward, log π_old by a forward": ["--micro-batch-size", "1", "--old-logp", "forward"],
+    "8 rows by length, log π_old by a forward": ["--micro-batch-size", "8", "--old-logp", "forward"],
+    "8 rows by length, log π_old from the rollout (default)": [],
+}
+
+
+def bench_phases(iterations: int = 10, reps: int = 2, model: str = "", extra: tuple = ()) -> dict:
+    """Seconds per phase of a default-profile iteration (train.py on the tiny base, one thread) for the previous
+    defaults and each change: interleaved runs of `iterations` iterations (the first dropped), mean over reps.
+    (The teacher scores only the rows that have a skill in every contender: that change has no flag.) model / extra:
+    another model and more train.py flags (the test's small runs). Returns {contender: {phase: seconds}}."""
+    import tiny_base
+    model, here = model or tiny_base.ensure_built(), os.path.dirname(os.path.abspath(__file__))
+    flags = ["--env", "sokoban", "--model", model, "--iterations", str(iterations), "--eval-every", "0",
+             "--eval-tasks", "1", "--eval-samples", "1", "--save-every", "0", "--threads", "1", *extra]
+    phases = ("rollout", "teacher", "update", "summarize")
+    secs = {name: [] for name in PHASE_CONTENDERS}
+    with tempfile.TemporaryDirectory() as root:
+        for rep in range(reps):
+            for k, (name, changes) in enumerate(PHASE_CONTENDERS.items()):
+                d = os.path.join(root, f"c{k}-{rep}")
+                subprocess.run([sys.executable, os.path.join(here, "train.py"), *flags, *changes, "--run-dir", d],
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+                with open(os.path.join(d, "log.jsonl")) as f:
+                    rows = [json.loads(line) for line in f][1:]
+                secs[name].append({p: sum(r[f"time_{p}"] for r in rows) / len(rows) for p in phases})
+    med = {name: {p: sum(x[p] for x in v) / len(v) for p in phases} for name, v in secs.items()}   # mean of reps
+    first = next(iter(med))
+    total = {name: sum(m.values()) for name, m in med.items()}
+    print(f"\nCommand: `python bench.py --phases` (CPU, one thread; the default profile: 16 tasks x G=8, 12 turns, "
+          f"Skill-SD; {iterations} iterations, the first dropped; mean of {reps} interleaved runs)\n")
+    print("| contender | " + " | ".join(f"{p}, s" for p in phases) + " | s / iteration | vs the first |\n|---|"
+          + "---:|" * (len(phases) + 2))
+    for name, m in med.items():
+        print(f"| {name} | " + " | ".join(f"{m[p]:.2f}" for p in phases)
+              + f" | {total[name]:.2f} | {total[name] / total[first] - 1:+.0%} |")
+    print("\nper run, s / iteration: " + "; ".join(f"{k + 1}: " + ", ".join(f"{sum(x.values()):.2f}" for x in v)
+                                                  for k, v in enumerate(secs.values())))
+    return med
+
+
 def _default_batch():
     """The tiny base and one iteration's rollouts of the default profile (16 tasks x G=8, 12 turns)."""
     import tiny_base
@@ -184,7 +229,9 @@ def _scoring(model, ledgers, prompts, rows=1, pack=False, ctx=None):
 def _update(model, ledgers, prompts, rows=1, pack=False, ctx=None):
     """Forward + backward over the batch in micro-batches of `rows`, as train.ppo_update runs them."""
     from contextlib import nullcontext
-    from model import score_under_prompt
+    from model import by_length, score_under_prompt
+    order = by_length([L.ids for L in ledgers])                  # train.ppo_update's micro-batches: rows by length
+    ledgers, prompts = [ledgers[b] for b in order], [prompts[b] for b in order]
     for k in range(0, len(ledgers), rows):
         with (ctx or nullcontext)():
             lp = score_under_prompt(model, ledgers[k:k + rows], prompts[k:k + rows], grad=True, trainable_only=True,
@@ -366,6 +413,8 @@ def main():
         bench_pack()
     elif "--ranks" in sys.argv[1:]:
         bench_ranks()
+    elif "--phases" in sys.argv[1:]:
+        bench_phases()
     elif "--bf16" in sys.argv[1:]:
         bench_bf16()
     else:

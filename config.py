@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 import env_sokoban
-import model as model_lib
 import run_folder
 from common import flag, parse_flags, require
 
@@ -53,9 +52,11 @@ class TrainConfig:
     grad_clip: float = flag(1.0, "global grad-norm clip; tiny-grpo, verl")
     mini_batches: int = flag(2, "optimizer steps per iteration (so ρ ≠ 1 on the second); PPO practice")
     epochs: int = flag(1, "passes over the rollouts per iteration; PPO practice")
-    micro_batch_size: int = flag(0, "rows per forward (gradient accumulation; memory only, not the math); 0 = auto: "
-                                    "1 on CPU (no padding lets SDPA use its O(T)-memory causal kernel), 8 on GPU; "
-                                    "16 with --pack")
+    micro_batch_size: int = flag(0, "rows per forward (gradient accumulation; memory only, not the math), cut from "
+                                    "the rows sorted by length so that they pad little; 0 = auto: 8 (16 with --pack)")
+    old_logp: str = flag("auto", "where log π_θold comes from: rollout (the sampler's own log-probs, recorded by the "
+                                 "rollout: no extra forward) | forward (a full forward after the rollout) | auto = "
+                                 "rollout when the student samples in fp32 (the two agree ≤ 1e-5), else forward")
     compile: bool = flag(False, "rollouts and evaluations decode with a compiled step on a preallocated KV cache "
                                 "(model.StaticDecoder; CUDA graphs on a GPU): the same tokens, faster where per-step "
                                 "overhead dominates (`python bench.py` measures it)")
@@ -236,7 +237,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                "env": ("sokoban", "appworld"), "method": tuple(METHOD_CONTEXT), "reward": ("completion", "success",
                "gym"), "teacher_weights": ("dynamic", "frozen"), "rollout_by": ("student", "teacher"),
                "teacher_context": ("", "skill", "ground-truth", "none"), "sdl_mask": ("all", "covered"),
-               "sdl_norm": ("all", "teacher"), "grpo_norm": ("all", "drop-flat"), "skill_credit": ("group", "source"),
+               "sdl_norm": ("all", "teacher"), "old_logp": ("auto", "rollout", "forward"), "grpo_norm": ("all", "drop-flat"), "skill_credit": ("group", "source"),
                "summarizer": ("auto", "rule", "policy", "model", "http"), "preset": tuple(env_sokoban.PRESETS)}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
@@ -269,13 +270,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         cfg.teacher_context = METHOD_CONTEXT[cfg.method]
     if cfg.rollout_by == "teacher" and (cfg.teacher_context == "none" or cfg.method == "skill-grpo"):
         raise SystemExit("--rollout-by teacher needs a teacher that samples: use --method skill-sd or opd")
+    if cfg.old_logp == "rollout" and cfg.rollout_by == "teacher":
+        raise SystemExit("--old-logp rollout: with --rollout-by teacher the rollout records the teacher's log-probs, "
+                         "not the student's; use --old-logp forward (or auto)")
     if cfg.ref_kl > 0 and cfg.rollout_by == "teacher":
         raise SystemExit("--ref-kl is defined for on-policy runs only (the student samples); drop --rollout-by teacher")
     if cfg.sdl_mask == "covered" and (cfg.env != "sokoban" or cfg.teacher_context != "skill"):
         raise SystemExit("--sdl-mask covered needs --env sokoban and a skill teacher (--method skill-sd): coverage is "
                          "read from the player's cell, which the Sokoban skills key their advice by")
     if cfg.micro_batch_size <= 0:
-        cfg.micro_batch_size = 16 if cfg.pack else 1 if model_lib.pick_device(cfg.device).type == "cpu" else 8
+        cfg.micro_batch_size = 16 if cfg.pack else 8
     if cfg.summarizer == "auto":
         # the built-in models cannot write a JSON skill: they use the rule-based summariser (choice 1)
         cfg.summarizer = "rule" if tiny_profile(cfg.model) else "policy"

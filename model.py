@@ -764,17 +764,26 @@ def score(model, sequences: list[list[int]], grad: bool = False, micro_batch_siz
     keep: optional per-row lists of the positions t to compute; every other entry is 0 (much cheaper when few are
     needed, e.g. only the reply tokens of a long transcript). model: a causal LM, or a LogProbs of one (wrapped or
     not: the training loss under DDP / FSDP2). pack: each micro-batch runs as one packed row instead of right-padded
-    rows (equal log-probs; no compute spent on padding, and SDPA keeps its causal kernel per sequence)."""
+    rows (equal log-probs; no compute spent on padding, and SDPA keeps its causal kernel per sequence).
+    Micro-batches are cut from the rows sorted by length, so a padded one pads little; the output keeps the input's
+    row order (each row's log-probs do not depend on which rows share its forward)."""
     if not sequences or min(map(len, sequences)) == 0:
         raise ValueError("score() needs at least one non-empty sequence per row")
     if keep is not None and any(t < 1 or t >= len(s) for s, ts in zip(sequences, keep) for t in ts):
         raise ValueError("score(keep=...): positions must lie in 1 .. len(seq) - 1")
     T, mbs = max(map(len, sequences)), micro_batch_size or len(sequences)
     scorer, one = (model if _is_scorer(model) else LogProbs(model)), _score_packed if pack else _score_batch
+    order = by_length(sequences)
     with torch.set_grad_enabled(grad):
-        parts = [one(scorer, sequences[k:k + mbs], None if keep is None else keep[k:k + mbs], temperature)
-                 for k in range(0, len(sequences), mbs)]
-        return torch.cat([F.pad(p, (0, T - p.shape[1])) for p in parts], 0)    # (B, T)
+        parts = [one(scorer, [sequences[b] for b in chunk], None if keep is None else [keep[b] for b in chunk],
+                     temperature) for chunk in (order[k:k + mbs] for k in range(0, len(order), mbs))]
+        out = torch.cat([F.pad(p, (0, T - p.shape[1])) for p in parts], 0)     # (B, T) in length order
+        return out[torch.argsort(torch.tensor(order, device=out.device))]       # (B, T) in the input's order
+
+
+def by_length(sequences: list) -> list[int]:
+    """Row indices sorted by length (stable): micro-batches cut from this order pad only to similar lengths."""
+    return sorted(range(len(sequences)), key=lambda b: len(sequences[b]))
 
 
 def trainable_mask(ledgers: list[Ledger], device=None) -> torch.Tensor:
@@ -784,6 +793,15 @@ def trainable_mask(ledgers: list[Ledger], device=None) -> torch.Tensor:
     for b, L in enumerate(ledgers):
         mask[b, : len(L.trainable)] = torch.tensor(L.trainable, dtype=torch.float32, device=device)
     return mask
+
+
+def recorded_logprobs(ledgers: list[Ledger], device=None) -> torch.Tensor:
+    """(B, T_max) the log-probs the sampler recorded for its tokens (softmax(logits / T)), 0 elsewhere and on padding:
+    log π_old without a forward, where the sampler is the model being trained under the same prompts."""
+    out = torch.zeros(len(ledgers), max(len(L.ids) for L in ledgers), device=device)         # (B, T)
+    for b, L in enumerate(ledgers):
+        out[b, : len(L.logprobs)] = torch.tensor(L.logprobs, dtype=torch.float32, device=device)
+    return out
 
 
 def score_under_prompt(model, ledgers: list[Ledger], prompt_ids: list[list[int]], grad: bool = False,

@@ -188,6 +188,7 @@ class Run:
     pending_credit: dict = None       # --skill-credit source: task id -> the skill picked at its last visit
     skips_in_a_row: int = 0           # optimizer steps skipped one after another (the non-finite guard)
     decoders: list = None             # --compile: [(model, model_lib.StaticDecoder)], one per sampling model
+    old_logp: str = "forward"         # where log π_old comes from: "rollout" or "forward" (resolve_old_logp)
 
 
 def decoder_for(run: Run, model):
@@ -248,6 +249,7 @@ def setup(cfg: TrainConfig, arm: Arm, ranks: dist_lib.Single, device: torch.devi
               np.random.default_rng(cfg.seed),
               model_lib.SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens), ranks, scorer)
     run.summarizer = make_summarizer(cfg, lambda: run.policy, tokenizer)
+    run.old_logp = resolve_old_logp(cfg, arm, device)
     if state is not None:
         restore_state(run, state)
         saved = saved_config(cfg.run_dir)
@@ -260,6 +262,16 @@ def setup(cfg: TrainConfig, arm: Arm, ranks: dist_lib.Single, device: torch.devi
             json.dump(dataclasses.asdict(cfg), f, indent=2)
         os.replace(tmp, os.path.join(cfg.run_dir, "config.json"))
     return run
+
+
+def resolve_old_logp(cfg: TrainConfig, arm: Arm, device: torch.device) -> str:
+    """--old-logp auto: the rollout's recorded log-probs where they are the forward's (the student sampled, in fp32:
+    equal ≤ 1e-5, tests/test_train.py), else a full forward: bf16 rounds the cached decode and the full forward
+    apart (ρ would start ≠ 1), and off-policy the student's log-probs of the teacher's tokens were never recorded."""
+    if cfg.old_logp != "auto":
+        return cfg.old_logp
+    bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
+    return "rollout" if arm.sampler == "student" and not bf16 else "forward"
 
 
 def autocast(run: Run):
@@ -415,8 +427,9 @@ def roll_out(run: Run, batch: Batch) -> None:
 
 
 def score_teacher(run: Run, batch: Batch) -> None:
-    """Phase 6: log π_old of the student by a full forward, and the teacher's log-probs of the identical tokens under
-    the prompt with the block (θ_old, or θ₀ frozen); rows without a block keep logp_old and are masked out of L_SDL."""
+    """Phase 6: log π_old of the student (the rollout's own log-probs, or a full forward: --old-logp), and the
+    teacher's log-probs of the identical tokens under the prompt with the block (θ_old, or θ₀ frozen), computed for
+    the rows that have a block; the others keep logp_old and are masked out of L_SDL."""
     cfg, arm, model, ledgers = run.cfg, run.arm, run.policy, batch.ledgers
     teacher = run.base_model if arm.frozen_teacher else model          # phase 1: θ̄ = θ_old is `model` itself
     batch.has_teacher = torch.tensor([c is not None and arm.teacher and not f for c, f in
@@ -424,17 +437,25 @@ def score_teacher(run: Run, batch: Batch) -> None:
     batch.mask = model_lib.trainable_mask(ledgers, run.device)                                # (B, T)
     batch.mask[[b for b, f in enumerate(batch.failed) if f]] = 0.0   # failed episodes: dropped from the update
     batch.sdl_mask = batch.mask * batch.has_teacher[:, None]                                  # (B, T)
-    teacher_prompts = [model_lib.encode_prompt(run.tokenizer, skills_lib.with_skill(m, c.text, header=c.header)
-                                               if c else m) for m, c in zip(batch.plain, batch.contexts)]
     # every log-prob is the sampler's distribution at the training temperature, softmax(logits / T) (METHOD.md §6)
     kw = dict(trainable_only=True, micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature, pack=cfg.pack)
     model.eval()
     with torch.no_grad(), autocast(run):
-        batch.logp_old = model_lib.score_under_prompt(model, ledgers, batch.student_prompts, **kw).float()  # (B, T)
-        if arm.teacher and (batch.has_teacher.any() or arm.sampler == "teacher"):
-            batch.logp_teacher = model_lib.score_under_prompt(teacher, ledgers, teacher_prompts, **kw).float()
+        if run.old_logp == "rollout":   # the sampler was the student under these very prompts (resolve_old_logp)
+            batch.logp_old = model_lib.recorded_logprobs(ledgers, run.device)                 # (B, T)
         else:
-            batch.logp_teacher = batch.logp_old.clone()                                       # (B, T)
+            batch.logp_old = model_lib.score_under_prompt(model, ledgers, batch.student_prompts, **kw).float()
+        batch.logp_teacher = batch.logp_old.clone()                                           # (B, T)
+        # the rows with a block; off-policy every row (the teacher's log-probs are each row's behaviour log-probs)
+        taught = list(range(len(ledgers))) if arm.sampler == "teacher" else \
+            [b for b in range(len(ledgers)) if batch.has_teacher[b] > 0]
+        if taught:
+            contexts = [batch.contexts[b] for b in taught]
+            prompts = [model_lib.encode_prompt(run.tokenizer, skills_lib.with_skill(batch.plain[b], c.text,
+                                                                                    header=c.header) if c else
+                                               batch.plain[b]) for b, c in zip(taught, contexts)]
+            scored = model_lib.score_under_prompt(teacher, [ledgers[b] for b in taught], prompts, **kw).float()
+            batch.logp_teacher[taught, :scored.shape[1]] = scored                             # (b, T')
         if cfg.ref_kl > 0:   # labelled variant: θ₀ under the student's own (plain) prompt, the KL's reference
             batch.logp_ref = model_lib.score_under_prompt(run.base_model, ledgers, batch.student_prompts,
                                                           **kw).float()                       # (B, T)
@@ -505,7 +526,8 @@ def ppo_update(run: Run, batch: Batch, lam: float, iteration: int | None = None)
     model.train()
     for _ in range(cfg.epochs):
         for mb in np.array_split(run.rng.permutation(len(batch.everyone)), cfg.mini_batches):
-            mine = [local[r] for r in mb if r in local]                       # this rank's rows of the mini-batch
+            # this rank's rows of the mini-batch, by length: a padded micro-batch then pads little (the sum is the same)
+            mine = sorted((local[r] for r in mb if r in local), key=lambda b: len(batch.ledgers[b].ids))
             norms = normalisers(cfg, batch, mine, ranks)                      # N: the token-mean normalisers (verl)
             if norms["tokens"] == 0:
                 continue
@@ -569,9 +591,15 @@ def balance_proxy(terms: dict, logp: torch.Tensor, grad_sq: dict) -> None:
             grad_sq[name] += 0.0 if g is None else float((g.double() ** 2).sum())
 
 
+TEACHER_STATS = ("ell_", "k3_", "rho_")   # loss.diagnostics keys over the tokens that have a teacher
+
+
 def update_stats(stats: dict, grad_sq: dict, diag: list, ranks) -> dict:
     """The update's log entries: means over optimizer steps, the balance proxy, and the loss diagnostics over every
-    micro-batch of every rank (means; maxima for *_max)."""
+    micro-batch of every rank, combined as one pass over all their tokens would give them (so they do not depend on
+    how rows are cut into micro-batches or ranks): token-weighted means (teacher statistics weighted by the tokens that
+    have a teacher; the ℓ quantiles so too, an approximation), maxima for *_max, minima for *_min, sums for the
+    token and guard counts."""
     out = {k: (float(np.mean(v)) if v else float("nan")) if isinstance(v, list) and k != "skip_causes" else v
            for k, v in stats.items()}
     sq_grpo, sq_sdl = ranks.sum([grad_sq["grpo"], grad_sq["sdl"]])
@@ -579,8 +607,16 @@ def update_stats(stats: dict, grad_sq: dict, diag: list, ranks) -> dict:
     if ranks.world > 1:
         diag = [d for part in ranks.gather(diag) for d in part]
     for key in (diag[0] if diag else {}):
-        vals = [d[key] for d in diag if d.get(key) is not None and not math.isnan(d[key])]
-        out[key] = max(vals) if key.endswith("max") else (float(np.mean(vals)) if vals else float("nan"))
+        taught = key.startswith(TEACHER_STATS)
+        pairs = [(d[key], d["tokens"] * (d.get("teacher_frac", 1.0) if taught else 1.0)) for d in diag
+                 if d.get(key) is not None and not math.isnan(d[key])]
+        pairs = [(v, w) for v, w in pairs if w > 0]                          # a micro-batch without such tokens
+        if key == "tokens" or key.startswith("guard_"):
+            out[key] = float(sum(d[key] for d in diag))
+        elif key.endswith(("max", "min")):
+            out[key] = (max if key.endswith("max") else min)(v for v, _ in pairs) if pairs else float("nan")
+        else:
+            out[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs) if pairs else float("nan")
     return out
 
 

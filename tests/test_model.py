@@ -149,9 +149,13 @@ def test_logprobs_are_the_samplers_at_any_temperature(model, tok):
         assert max_cached_error(model, ledgers, temperature=0.7) <= TOL
         assert max_cached_error(model, ledgers) > 1e-2                   # the check can fail
         scored = M.score(model, [L.ids for L in ledgers], temperature=0.7)                        # (B, T)
+        recorded = M.recorded_logprobs(ledgers)                   # (B, T) train.py's log π_old (--old-logp rollout)
+        assert recorded.shape == scored.shape
         for b, L in enumerate(ledgers):
             t = torch.tensor(L.trainable).bool()
             assert (scored[b, :len(L.ids)][t] - torch.tensor(L.logprobs)[t]).abs().max() <= TOL
+            assert (scored[b, :len(L.ids)][t] - recorded[b, :len(L.ids)][t]).abs().max() <= TOL
+            assert (recorded[b, :len(L.ids)][~t] == 0).all() and (recorded[b, len(L.ids):] == 0).all()
 
 
 def test_cached_logprobs_equal_full_forward_eager(tok):
@@ -342,6 +346,22 @@ def test_sample_filters():
 
 # ------------------------------------------------------------------------------------------------------ scoring
 
+def test_micro_batches_are_cut_from_rows_sorted_by_length(model, tok, monkeypatch):
+    """Rows given in no order of length: each padded forward holds rows of neighbouring lengths (pads little), and the
+    output is in the input's row order, equal to one row per forward."""
+    seqs = [tok("# _ O √ X P S " * k, add_special_tokens=False)["input_ids"] for k in (3, 1, 6, 2, 5, 1)]
+    widths, real = [], M._score_batch
+    monkeypatch.setattr(M, "_score_batch", lambda scorer, rows, *a: widths.append(sorted(map(len, rows))) or
+                        real(scorer, rows, *a))
+    out = M.score(model, seqs, micro_batch_size=2)                                            # (6, T)
+    lengths = sorted(map(len, seqs))
+    assert widths == [lengths[0:2], lengths[2:4], lengths[4:6]]
+    widths.clear()
+    assert (out - M.score(model, seqs, micro_batch_size=1)).abs().max() <= 1e-5
+    for b, s in enumerate(seqs):
+        assert (out[b, :len(s)] - reference_logprobs(model, s)).abs().max() <= 1e-5
+
+
 def test_score_matches_plain_forward_chunked_and_micro_batched(model, tok, monkeypatch):
     seqs = [tok("# _ O √ X P S " * k, add_special_tokens=False)["input_ids"] for k in (1, 4, 2)]
     monkeypatch.setattr(M, "LOGIT_CHUNK_ELEMS", 3 * len(tok) * 5)              # 5 tokens per chunk
@@ -351,6 +371,7 @@ def test_score_matches_plain_forward_chunked_and_micro_batched(model, tok, monke
         assert (out[b, :len(s)] - reference_logprobs(model, s)).abs().max() <= 1e-5
         assert (out[b, len(s):] == 0).all()
     assert torch.allclose(M.score(model, seqs, micro_batch_size=1), out, atol=1e-5)
+    assert torch.allclose(M.score(model, seqs, micro_batch_size=2), out, atol=1e-5)
     with_grad = M.score(model, seqs, grad=True)
     assert with_grad.requires_grad and torch.allclose(with_grad.detach(), out, atol=1e-6)
     with_grad.sum().backward()

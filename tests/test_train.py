@@ -226,6 +226,7 @@ BAD_TRAIN_FLAGS = [   # (flags, the flag the one-line message must name)
     (["--ref-kl", "0.1", "--rollout-by", "teacher"], "--ref-kl"), (["--rollout-by", "teacher", "--method", "grpo"],
                                                                    "--rollout-by"),
     (["--sdl-mask", "covered", "--method", "grpo"], "--sdl-mask"), (["--resume", "x", "--overwrite"], "--resume"),
+    (["--old-logp", "x"], "--old-logp"), (["--old-logp", "rollout", "--rollout-by", "teacher"], "--old-logp"),
 ]
 
 
@@ -293,25 +294,43 @@ def test_rho_is_one_on_the_first_mini_batch_inside_the_update():
     assert stats2["ratio_max"] - 1.0 > 1e-4          # the second mini-batch sees θ ≠ θ_old: the check can fail
 
 
-def test_rho_is_one_on_the_first_mini_batch_at_temperature_0_7(tmp_path, monkeypatch):
+@pytest.mark.parametrize("old_logp", ["forward", "rollout"])
+def test_rho_is_one_on_the_first_mini_batch_at_temperature_0_7(tmp_path, monkeypatch, old_logp):
     """A run sampling at T = 0.7 scores log π_old, the teacher and the update's log π_θ at the same temperature: on the
     first of one mini-batch per iteration the PPO ratio and ρ are 1, and log π_old equals the sampler's own
-    log-probs recorded in the ledger (an untempered score would miss them by far more)."""
+    log-probs recorded in the ledger (an untempered score would miss them by far more). With --old-logp rollout
+    log π_old *is* the recorded one, so ratio = 1 checks the update's forward against the cached decode."""
     seen, real = [], train.ppo_update
 
     def spy(run, batch, lam, **kw):
+        assert run.old_logp == old_logp
         stats = real(run, batch, lam, **kw)
         seen.append((batch, stats))
         return stats
 
     monkeypatch.setattr(train, "ppo_update", spy)
-    run(tmp_path, "t07", "--temperature", "0.7", "--mini-batches", "1", iterations=2)
+    run(tmp_path, "t07", "--temperature", "0.7", "--mini-batches", "1", "--old-logp", old_logp, iterations=2)
     for batch, stats in seen:
         assert abs(stats["ratio_max"] - 1) < 1e-5 and abs(stats["ratio_min"] - 1) < 1e-5
         for b, L in enumerate(batch.ledgers):
             t = torch.tensor(L.trainable).bool()
             assert (batch.logp_old[b, :len(L.ids)][t] - torch.tensor(L.logprobs)[t]).abs().max() < 1e-4
     assert abs(seen[1][1]["rho_max"] - 1) < 1e-5
+
+
+def test_old_logp_auto_takes_the_rollouts_log_probs_only_where_they_are_the_forwards():
+    """auto: the recorded log-probs in fp32 when the student samples; a full forward under bf16 autocast (on CUDA by
+    default, or asked for) and when the teacher samples (its tokens' student log-probs were never recorded)."""
+    def source(flags, device="cpu"):
+        cfg = train.parse_args(SMALL + flags)
+        return train.resolve_old_logp(cfg, train.resolve_arm(cfg), torch.device(device))
+
+    assert train.parse_args(SMALL).old_logp == "auto" and source([]) == "rollout"
+    assert source([], "cuda") == "forward"                                      # auto autocast: bf16 on CUDA
+    assert source(["--autocast", "bf16"]) == "forward"
+    assert source(["--autocast", "fp32"], "cuda") == "rollout"
+    assert source(["--method", "skill-sd", "--rollout-by", "teacher"]) == "forward"
+    assert source(["--old-logp", "forward"]) == "forward"
 
 
 def test_bf16_autocast_on_cpu_keeps_rho_at_one(tmp_path, monkeypatch):
@@ -397,6 +416,8 @@ def test_the_teacher_is_theta_old_or_theta_0(tmp_path, monkeypatch, weights):
         m = batch.sdl_mask.bool()
         want, other = (now, base) if weights == "dynamic" else (base, now)
         assert (batch.logp_teacher - want)[m].abs().max() < 1e-5
+        # a row without a teacher is not scored by one: it keeps log π_old (and is out of L_SDL)
+        assert torch.equal(batch.logp_teacher[~rows], batch.logp_old[~rows])
     # iteration 1 has no teacher and (random model, all rewards 0) flat groups: no step; iteration 2's SDL moves the
     # weights, so at iteration 3 θ_old and θ₀ differ and the teacher is the one it should be
     assert sum(b.has_teacher.bool().any() for b, _, _ in seen) == 2
@@ -578,3 +599,29 @@ def test_skill_credit_source_ranks_skills_by_their_episode_and_credits_the_next_
     g, _, grows = run(tmp_path, "grp", "--method", "skill-sd", iterations=3)
     assert grows[1]["untried_picks"] == 2 and grows[1]["exploit_picks"] == 0          # per iteration, not cumulative
     assert all(r["untried_picks"] + r["exploit_picks"] == r["picks"] for r in grows)
+
+
+def test_logged_update_diagnostics_do_not_depend_on_the_micro_batches():
+    """update_stats combines the micro-batches' loss.diagnostics as one pass over all their tokens: token-weighted
+    means (the teacher's over the tokens that have one), maxima, minima and summed counts equal diagnostics() of the
+    whole batch; an unweighted mean of micro-batch means (the check can fail) does not."""
+    g = torch.Generator().manual_seed(0)
+    B, T = 6, 9
+    mask = (torch.rand(B, T, generator=g) < 0.6).float()
+    mask[0] = 0.0                                                          # a row with no trainable token
+    mask[1, :8] = 1.0                                                      # rows of very different lengths
+    logp = -torch.rand(B, T, generator=g) * 3
+    old = logp + 0.2 * torch.randn(B, T, generator=g)
+    tea = logp + 0.5 * torch.randn(B, T, generator=g) + 90.0 * (torch.rand(B, T, generator=g) < 0.15)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, 0.0])
+    sdl = mask * torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 1.0])[:, None]
+    whole = train.loss_lib.diagnostics(logp, old, tea, mask, advantages=adv, sdl_mask=sdl)
+    parts = [train.loss_lib.diagnostics(logp[r], old[r], tea[r], mask[r], advantages=adv[r], sdl_mask=sdl[r])
+             for r in ([0, 2], [1], [3, 4, 5])]
+    out = train.update_stats({}, {"grpo": 1.0, "sdl": 1.0}, parts, dist.Single())
+    for key in ("tokens", "clip_frac", "clip_frac_high", "ratio_mean", "ratio_max", "ratio_min", "logp_mean",
+                "teacher_frac", "ell_mean", "k3_mean", "rho_mean", "rho_max", "guard_exp_neg_ell", "guard_log_rho"):
+        assert out[key] == pytest.approx(whole[key], rel=1e-9, abs=1e-12), key
+    assert whole["guard_exp_neg_ell"] > 0 and whole["tokens"] > 0
+    naive = float(np.mean([p["ratio_mean"] for p in parts]))
+    assert abs(naive - whole["ratio_mean"]) > 1e-3
