@@ -233,11 +233,11 @@ MAX_EPISODES_PER_ITERATION = 4096   # tasks x G live in memory at once (episodes
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Refuse bad values and combinations with one line each; fill the defaults that depend on other flags
     (teacher context, micro-batch size, summariser, run folder)."""
-    choices = {"autocast": ("auto", "bf16", "fp32"),
+    choices = {"autocast": ("auto", "bf16", "fp32"), "old_logp": ("auto", "rollout", "forward"),
                "env": ("sokoban", "appworld"), "method": tuple(METHOD_CONTEXT), "reward": ("completion", "success",
                "gym"), "teacher_weights": ("dynamic", "frozen"), "rollout_by": ("student", "teacher"),
                "teacher_context": ("", "skill", "ground-truth", "none"), "sdl_mask": ("all", "covered"),
-               "sdl_norm": ("all", "teacher"), "old_logp": ("auto", "rollout", "forward"), "grpo_norm": ("all", "drop-flat"), "skill_credit": ("group", "source"),
+               "sdl_norm": ("all", "teacher"), "grpo_norm": ("all", "drop-flat"), "skill_credit": ("group", "source"),
                "summarizer": ("auto", "rule", "policy", "model", "http"), "preset": tuple(env_sokoban.PRESETS)}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
