@@ -162,6 +162,7 @@ def parse_args(argv=None) -> TrainConfig:
     given = parse_flags(TrainConfig, argv, description=DESCRIPTION, notes=notes)
     if given.get("resume"):
         saved = saved_config(given["resume"])
+        saved.setdefault("old_logp", "forward")   # a run saved before --old-logp existed took log π_old by a forward
         changed = {k: v for k, v in given.items() if k in saved and saved[k] != v and k not in RESUMABLE}
         if changed:
             raise SystemExit(f"--resume {given['resume']}: " + ", ".join(

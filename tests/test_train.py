@@ -94,6 +94,18 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert open(tmp_path / "full/ckpt/skill_bank.json").read() == open(tmp_path / "part/ckpt/skill_bank.json").read()
 
 
+def test_a_run_saved_before_old_logp_existed_resumes_with_a_forward(tmp_path):
+    """config.json without "old_logp" (written before the flag): --resume keeps that run's way, a full forward."""
+    run(tmp_path, "old", "--save-every", "1", "--old-logp", "forward", iterations=1)
+    path = tmp_path / "old" / "config.json"
+    saved = json.load(open(path))
+    del saved["old_logp"]
+    json.dump(saved, open(path, "w"))
+    cfg = train.parse_args(["--resume", str(tmp_path / "old"), "--iterations", "2"])
+    assert cfg.old_logp == "forward"
+    assert train.parse_args(SMALL).old_logp == "auto"          # a new run: auto
+
+
 def four_rollouts():
     """Two training tasks x 2 episodes of the random tiny model -> (model, ledgers, their prompts, log π_old (B, T)):
     the input of the ppo_update tests."""
