@@ -622,10 +622,11 @@ def rollout(model, tokenizer, episodes, sampling: SamplingConfig, generator=None
                 replies.append(tokenizer.decode(toks[:-1] if stopped else toks, skip_special_tokens=False))
                 ledgers[i].replies.append(replies[-1])
             results = step_fn([episodes[i] for i in state.rows], replies)
+            segments = iter(encode_segments(tokenizer, [obs for obs, done in results if not done]))  # one batch
             keep, chunks = [], []
             for b, (i, (toks, _, stopped), (obs, done)) in enumerate(zip(state.rows, turn, results)):
                 forced = [] if stopped else [stop[0]]    # cap hit: close the turn as the template would
-                seg = [] if done else encode_segment(tokenizer, obs)
+                seg = [] if done else next(segments)
                 _extend(ledgers[i], forced)
                 if done:
                     finish(i)
