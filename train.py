@@ -450,10 +450,9 @@ def score_teacher(run: Run, batch: Batch) -> None:
         taught = list(range(len(ledgers))) if arm.sampler == "teacher" else \
             [b for b in range(len(ledgers)) if batch.has_teacher[b] > 0]
         if taught:
-            contexts = [batch.contexts[b] for b in taught]
-            prompts = [model_lib.encode_prompt(run.tokenizer, skills_lib.with_skill(batch.plain[b], c.text,
-                                                                                    header=c.header) if c else
-                                               batch.plain[b]) for b, c in zip(taught, contexts)]
+            with_block = [(batch.plain[b], batch.contexts[b]) for b in taught]
+            prompts = [model_lib.encode_prompt(run.tokenizer, skills_lib.with_skill(m, c.text, header=c.header)
+                                               if c else m) for m, c in with_block]
             scored = model_lib.score_under_prompt(teacher, [ledgers[b] for b in taught], prompts, **kw).float()
             batch.logp_teacher[taught, :scored.shape[1]] = scored                             # (b, T')
         if cfg.ref_kl > 0:   # labelled variant: θ₀ under the student's own (plain) prompt, the KL's reference
