@@ -522,6 +522,7 @@ def ppo_update(run: Run, batch: Batch, lam: float, iteration: int | None = None)
     if batch.logp_ref is not None:
         stats["loss_ref_kl"] = []
     diag, local = [], {r: b for b, r in enumerate(batch.rows)}                # global row -> this rank's row
+    moving = rows_with_gradient(run, batch)                                   # global rows; the rest add exactly 0
     model.train()
     for _ in range(cfg.epochs):
         for mb in np.array_split(run.rng.permutation(len(batch.everyone)), cfg.mini_batches):
@@ -532,23 +533,27 @@ def ppo_update(run: Run, batch: Batch, lam: float, iteration: int | None = None)
                 continue
             optimizer.zero_grad(set_to_none=True)
             sums, cause = {"grpo": 0.0, "sdl": 0.0, "ref_kl": 0.0}, None
-            steps = micro_steps(run, mb)
-            for k in range(steps):
-                rows = mine[k * cfg.micro_batch_size: (k + 1) * cfg.micro_batch_size]
-                real = bool(rows)    # a rank out of rows repeats one at weight 0: every rank runs `steps` passes
-                with ranks.accumulate(run.scorer, last=k == steps - 1):
-                    terms, d, logp = micro_batch_losses(run, batch, rows or [0], norms, weights)
+            passes = update_passes(run, batch, mb, mine, moving)              # [(rows, with gradient)]
+            if not any(grad for _, grad in passes):   # no row moves: AdamW steps on the zero gradient, as it would
+                for p in model.parameters():
+                    p.grad = torch.zeros_like(p)
+            last = max((k for k, (_, grad) in enumerate(passes) if grad), default=-1)
+            for k, (rows, grad) in enumerate(passes):
+                real = bool(rows)    # a rank out of rows repeats one at weight 0: every rank runs the same passes
+                with ranks.accumulate(run.scorer, last=k == last):
+                    terms, d, logp = micro_batch_losses(run, batch, rows or [0], norms, weights, grad=grad)
                     total = sum(w * l for w, l in terms.values() if w)    # Eq. 14 (weights from the arm)
                     if real:
-                        balance_proxy(terms, logp, grad_sq)
+                        if grad:
+                            balance_proxy(terms, logp, grad_sq)
                         if cause is None and not torch.isfinite(total):
                             cause = "non-finite loss (" + ", ".join(f"{n} {l.item():.3g}"
                                                                     for n, (_, l) in terms.items()) + ")"
                         for name, (_, l) in terms.items():
                             sums[name] += l.item()
                         diag.append(d)
-                    # ×world: the wrapper averages gradients over ranks, the loss wants their sum
-                    (total * (ranks.world if real else 0.0)).backward()
+                    if grad:   # ×world: the wrapper averages gradients over ranks, the loss wants their sum
+                        (total * (ranks.world if real else 0.0)).backward()
             *loss_sums, failed = ranks.sum([sums["grpo"], sums["sdl"], sums["ref_kl"], cause is not None])
             cause = cause or ("non-finite loss on another rank" if failed else None)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -571,6 +576,32 @@ def ppo_update(run: Run, batch: Batch, lam: float, iteration: int | None = None)
             stats["grad_norm"].append(float(grad_norm))
     run.policy = ranks.gathered(model)             # FSDP2: the full copy follows the new weights
     return update_stats(stats, grad_sq, diag, ranks)
+
+
+def rows_with_gradient(run: Run, batch: Batch) -> set:
+    """The iteration's rows (global indices, the same set on every rank) whose loss has a gradient: a nonzero
+    advantage, a token with a teacher (L_SDL), or --ref-kl. Any other row (a flat group's row with no skill, a failed
+    episode) adds exactly 0 to every gradient (GRPO's surrogate is ratio·A = 0 at A = 0), so the update runs no
+    backward for it (a forward only, for the logs); its tokens still count in the normaliser N: the step is the same.
+    """
+    if batch.logp_ref is not None:
+        return set(range(len(batch.everyone)))
+    mine = [r for b, r in enumerate(batch.rows)
+            if batch.mask[b].any() and (batch.adv[b] != 0 or batch.sdl_mask[b].any())]
+    return {r for part in run.ranks.gather(mine) for r in part}
+
+
+def update_passes(run: Run, batch: Batch, mb, mine: list, moving: set) -> list:
+    """A mini-batch's forward passes as (this rank's rows, with gradient): first forward-only micro-batches of the
+    rows that add exactly 0 to the gradient (rows_with_gradient; run only for the logged diagnostics, which stay
+    over every row), then forward+backward ones of the others. Every rank runs as many of each as the rank with most
+    such rows (micro_steps); a rank out of rows gets [] and repeats a row at weight 0."""
+    mbs, passes = run.cfg.micro_batch_size, []
+    for grad in (False, True):
+        rows = [b for b in mine if (batch.rows[b] in moving) == grad]
+        steps = micro_steps(run, [r for r in mb if (int(r) in moving) == grad])
+        passes += [(rows[k * mbs:(k + 1) * mbs], grad) for k in range(steps)]
+    return passes
 
 
 def micro_steps(run: Run, mb) -> int:
@@ -669,14 +700,15 @@ def normalisers(cfg: TrainConfig, batch: Batch, rows: list, ranks) -> dict:
     return n
 
 
-def micro_batch_losses(run: Run, batch: Batch, rows, norms: dict, weights: tuple) -> tuple[dict, dict, torch.Tensor]:
-    """The loss terms of some rows, with grad -> ({name: (weight, loss)}, diagnostics, log π (b, T)). log π is
-    recomputed under the student's prompt; ρ and the PPO ratio divide by the behaviour log-probs (θ_old, or the
+def micro_batch_losses(run: Run, batch: Batch, rows, norms: dict, weights: tuple,
+                       grad: bool = True) -> tuple[dict, dict, torch.Tensor]:
+    """The loss terms of some rows (grad: with the graph) -> ({name: (weight, loss)}, diagnostics, log π (b, T)).
+    log π is recomputed under the student's prompt; ρ and the PPO ratio divide by the behaviour log-probs (θ_old, or the
     teacher off-policy)."""
     Tm = max(len(batch.ledgers[i].ids) for i in rows)
     with autocast(run):
         logp = model_lib.score_under_prompt(run.scorer, [batch.ledgers[i] for i in rows],
-                                            [batch.student_prompts[i] for i in rows], grad=True,
+                                            [batch.student_prompts[i] for i in rows], grad=grad,
                                             trainable_only=True, temperature=run.cfg.temperature,
                                             pack=run.cfg.pack)                                      # (b, Tm)
     logp = logp.float()

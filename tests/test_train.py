@@ -637,3 +637,38 @@ def test_logged_update_diagnostics_do_not_depend_on_the_micro_batches():
     assert whole["guard_exp_neg_ell"] > 0 and whole["tokens"] > 0
     naive = float(np.mean([p["ratio_mean"] for p in parts]))
     assert abs(naive - whole["ratio_mean"]) > 1e-3
+
+
+@pytest.mark.parametrize("method, adv, has", [
+    ("grpo", [1.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]),        # a flat group: its 2 rows run forward only
+    ("skill-sd", [0.0, 0.0, 0.5, -0.5], [1.0, 0.0, 0.0, 0.0]),    # row 1: flat and untaught
+    ("grpo", [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]),         # nothing moves: AdamW steps on the zero gradient
+])
+def test_rows_without_gradient_run_forward_only_and_the_step_is_the_same(monkeypatch, method, adv, has):
+    """Rows with a zero advantage and no teacher add exactly 0 to the gradient: ppo_update runs them without a
+    backward (after the others' forward+backward passes are cut), and the weights after the update, the losses and
+    the logged diagnostics equal an update that runs every row with a backward (rows_with_gradient -> every row)."""
+    model, ledgers, prompts, logp_old = four_rollouts()
+    teacher = logp_old + 0.5 * torch.randn(logp_old.shape, generator=torch.Generator().manual_seed(1))  # (B, T)
+    adv, has = torch.tensor(adv), torch.tensor(has)
+    cfg = train.parse_args(SMALL + ["--method", method, "--lam", "0.5", "--micro-batch-size", "1"])
+    calls, inner = [], train.micro_batch_losses
+
+    def spy(run, batch, rows, norms, weights, grad=True):
+        calls.append((tuple(rows), grad))
+        return inner(run, batch, rows, norms, weights, grad=grad)
+
+    monkeypatch.setattr(train, "micro_batch_losses", spy)
+    skipped, w_skipped = update(cfg, model, ledgers, prompts, adv, logp_old, teacher, has)
+    still = {b for b in range(4) if adv[b] == 0 and has[b] == 0}
+    assert {rows for rows, grad in calls if not grad} == {(b,) for b in still} and still
+    assert all(grad == (rows[0] not in still) for rows, grad in calls)
+    calls.clear()
+    monkeypatch.setattr(train, "rows_with_gradient", lambda run, batch: set(range(len(batch.everyone))))
+    every, w_every = update(cfg, model, ledgers, prompts, adv, logp_old, teacher, has)
+    assert all(grad for _, grad in calls) and len(calls) == 4
+    for k in w_every:
+        assert torch.allclose(w_skipped[k], w_every[k], atol=1e-7), k
+    assert not all(torch.equal(w_every[k], v) for k, v in model.state_dict().items())   # the update moved
+    for key in ("loss_grpo", "loss_sdl", "grad_norm", "tokens", "ratio_mean", "logp_mean", "clip_frac"):
+        assert skipped[key] == pytest.approx(every[key], rel=1e-6, abs=1e-9), key
