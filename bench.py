@@ -163,21 +163,25 @@ def bench_ranks(iterations: int = 6, reps: int = 2):
 
 
 PHASE_CONTENDERS = {   # name -> train.py flags: the previous defaults, then one change at a time
-    "one row per forward, log π_old by a forward": ["--micro-batch-size", "1", "--old-logp", "forward"],
-    "8 rows by length, log π_old by a forward": ["--micro-batch-size", "8", "--old-logp", "forward"],
-    "8 rows by length, log π_old from the rollout (default)": [],
+    "one row per forward, log π_old by a forward, 1 thread": ["--micro-batch-size", "1", "--old-logp", "forward",
+                                                             "--threads", "1"],
+    "8 rows by length, log π_old by a forward, 1 thread": ["--micro-batch-size", "8", "--old-logp", "forward",
+                                                          "--threads", "1"],
+    "8 rows by length, log π_old from the rollout, 1 thread": ["--threads", "1"],
+    "the same on every core (default)": [],
 }
 
 
 def bench_phases(iterations: int = 10, reps: int = 2, model: str = "", extra: tuple = ()) -> dict:
-    """Seconds per phase of a default-profile iteration (train.py on the tiny base, one thread) for the previous
-    defaults and each change: interleaved runs of `iterations` iterations (the first dropped), mean over reps.
-    (The teacher scores only the rows that have a skill in every contender: that change has no flag.) model / extra:
-    another model and more train.py flags (the test's small runs). Returns {contender: {phase: seconds}}."""
+    """Seconds per phase of a default-profile iteration (train.py on the tiny base) for the previous defaults and
+    each change: interleaved runs of `iterations` iterations (the first dropped), mean over reps.
+    (The teacher scores only the rows that have a skill, and rows without a gradient get no backward, in every
+    contender: those changes have no flag.) model / extra: another model and more train.py flags (the test's small
+    runs). Returns {contender: {phase: seconds}}."""
     import tiny_base
     model, here = model or tiny_base.ensure_built(), os.path.dirname(os.path.abspath(__file__))
     flags = ["--env", "sokoban", "--model", model, "--iterations", str(iterations), "--eval-every", "0",
-             "--eval-tasks", "1", "--eval-samples", "1", "--save-every", "0", "--threads", "1", *extra]
+             "--eval-tasks", "1", "--eval-samples", "1", "--save-every", "0", *extra]
     phases = ("rollout", "teacher", "update", "summarize")
     secs = {name: [] for name in PHASE_CONTENDERS}
     with tempfile.TemporaryDirectory() as root:
@@ -185,15 +189,14 @@ def bench_phases(iterations: int = 10, reps: int = 2, model: str = "", extra: tu
             for k, (name, changes) in enumerate(PHASE_CONTENDERS.items()):
                 d = os.path.join(root, f"c{k}-{rep}")
                 subprocess.run([sys.executable, os.path.join(here, "train.py"), *flags, *changes, "--run-dir", d],
-                               env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+                               check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 with open(os.path.join(d, "log.jsonl")) as f:
                     rows = [json.loads(line) for line in f][1:]
                 secs[name].append({p: sum(r[f"time_{p}"] for r in rows) / len(rows) for p in phases})
     med = {name: {p: sum(x[p] for x in v) / len(v) for p in phases} for name, v in secs.items()}   # mean of reps
     first = next(iter(med))
     total = {name: sum(m.values()) for name, m in med.items()}
-    print(f"\nCommand: `python bench.py --phases` (CPU, one thread; the default profile: 16 tasks x G=8, 12 turns, "
+    print(f"\nCommand: `python bench.py --phases` (CPU, {os.cpu_count()} cores; the default profile: 16 tasks x G=8, 12 turns, "
           f"Skill-SD; {iterations} iterations, the first dropped; mean of {reps} interleaved runs)\n")
     print("| contender | " + " | ".join(f"{p}, s" for p in phases) + " | s / iteration | vs the first |\n|---|"
           + "---:|" * (len(phases) + 2))

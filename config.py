@@ -108,8 +108,8 @@ class TrainConfig:
     overwrite: bool = flag(False, "start a new run in a --run-dir that holds another run's files (they are removed)")
     # devices
     device: str = flag("", "cpu | cuda | mps; default: best available")
-    threads: int = flag(0, "torch CPU threads during the run (restored after); 0 = leave torch's setting (the tiny "
-                           "profile uses 1: tiny matmuls on a shared 2-core machine run faster on one thread)")
+    threads: int = flag(0, "torch CPU threads during the run (restored after); 0 = leave torch's setting (every "
+                           "core; `eval.py --paper-table` gives each of its --jobs runs cores / jobs)")
     grad_checkpointing: bool = flag(False, "trade compute for activation memory (real models on a GPU)")
     autocast: str = flag("auto", "forward passes under bf16 autocast, the weights and AdamW staying fp32: auto (on "
                                  "CUDA only, choice 3) | bf16 (CPU too: faster where the CPU has bf16 units, "
@@ -132,7 +132,7 @@ class TrainConfig:
 # invalid replies (RESULTS.md). "tiny" is the random-init model, for smoke runs only.
 TINY_PROFILES = {
     "tiny-sokoban": dict(preset="easy", max_turns=12, max_new_tokens=4, iterations=40, lr=5e-4, lam=0.1,
-                         tasks_per_iter=16, curriculum=False, eval_every=10, save_every=20, threads=1,
+                         tasks_per_iter=16, curriculum=False, eval_every=10, save_every=20,
                          eval_temperature=1.0, eval_samples=8),
     "tiny": dict(iterations=30, lr=1e-4, max_new_tokens=24, eval_every=10, save_every=10, threads=1),
 }

@@ -305,13 +305,14 @@ def run_table(root: str, seeds: list[int], jobs: int, arms: list[str], extra: li
     here = os.path.dirname(os.path.abspath(__file__))
     if "--model" not in extra:   # build the tiny base once, before parallel runs would each build it
         subprocess.run([sys.executable, os.path.join(here, "tiny_base.py")], check=True)
-    todo = []
+    # the cores shared out: 2 jobs of 2 threads each on 2 cores run far slower than 2 of one thread
+    todo, threads = [], max(1, (os.cpu_count() or 1) // jobs)
     for seed in seeds:
         for arm in arms:
             d = os.path.join(root, f"{arm}-s{seed}")
             if os.path.exists(os.path.join(d, "config.json")) and run_finished(load_run(d)):
                 continue
-            todo.append((d, run_command(here, arm, seed, extra, d)))
+            todo.append((d, run_command(here, arm, seed, extra, d, threads)))
     print(f"[table] {len(todo)} runs to do under {root}, {jobs} at a time")
     running = []
     try:
@@ -329,11 +330,11 @@ def run_table(root: str, seeds: list[int], jobs: int, arms: list[str], extra: li
     return compare_runs(dirs, os.path.join(root, "table"))
 
 
-def run_command(here: str, arm: str, seed: int, extra: list[str], d: str) -> list[str]:
+def run_command(here: str, arm: str, seed: int, extra: list[str], d: str, threads: int = 1) -> list[str]:
     """train.py for one (arm, seed): --resume when it has a checkpoint; --overwrite when it holds only what a run
     stopped before its first checkpoint left (that run starts again from scratch, its partial log removed)."""
     cmd = [sys.executable, os.path.join(here, "train.py"), "--env", "sokoban", *TABLE_ARMS[arm], "--seed", str(seed),
-           *extra, "--run-dir", d]
+           "--threads", str(threads), *extra, "--run-dir", d]      # a --threads in extra comes later and wins
     if run_folder.checkpoints(d):
         return cmd + ["--resume", d]
     return cmd + (["--overwrite"] if run_folder.run_files(d) else [])

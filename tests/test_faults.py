@@ -204,7 +204,7 @@ def test_the_paper_table_ends_its_children_on_sigterm(tmp_path):
 import os, sys, time
 sys.path.insert(0, {HERE!r})
 import report
-def child(here, arm, seed, extra, d):
+def child(here, arm, seed, extra, d, threads=1):
     return [sys.executable, "-c", "import os, time; open(os.path.join({str(root)!r}, '%s-%d.pid'), 'w').write(str(os.getpid())); time.sleep(120)" % (arm, seed)]
 report.run_command = child
 report.run_table({str(root)!r}, [0], 2, ["grpo", "skill-sd"], ["--model", "unused"])

@@ -79,3 +79,18 @@ def test_paired_statistics_by_exact_enumeration():
                                "Vanilla GRPO")
     assert line.startswith("Skill-SD − Vanilla GRPO, Acc paired over 6 seeds: -2.5 ± ")
     assert "better on 0 of 6 seeds, sign test p = 0.062" in line
+
+
+def test_paper_table_runs_share_the_cores_out(tmp_path, monkeypatch):
+    """Each of --jobs runs gets cores // jobs torch threads (never below 1): two 2-thread runs on 2 cores would slow
+    each other far more than 2x. A --threads in --train-args wins (it comes later on the command line)."""
+    import train
+    captured = []
+    monkeypatch.setattr(report, "_run_all", lambda todo, running, jobs: captured.extend(todo))
+    monkeypatch.setattr(report, "compare_runs", lambda dirs, out: "")
+    monkeypatch.setattr(report.os, "cpu_count", lambda: 8)
+    for jobs, extra, want in ((2, [], 4), (3, [], 2), (16, [], 1), (2, ["--threads", "3"], 3)):
+        captured.clear()
+        report.run_table(str(tmp_path / f"t{jobs}"), [0], jobs, ["grpo"], ["--model", "unused", *extra])
+        (_, cmd), = captured
+        assert train.parse_args(cmd[2:]).threads == want, (jobs, extra)
