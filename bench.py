@@ -133,13 +133,18 @@ def _smollm2():
         return None
 
 
+def profile_run(model: str, iterations: int) -> list[str]:
+    """train.py flags of a timed default-profile run: its iterations only (no evaluation, no checkpoint)."""
+    return ["--env", "sokoban", "--model", model, "--iterations", str(iterations), "--eval-every", "0",
+            "--eval-tasks", "1", "--eval-samples", "1", "--save-every", "0"]
+
+
 def bench_ranks(iterations: int = 6, reps: int = 2):
     """One process vs 2 torchrun ranks (gloo, one thread each) on the default profile: the mean of the phases'
     seconds per iteration over iterations 2.. (the first warms up), interleaved runs, median over reps."""
     import tiny_base
     model, here = tiny_base.ensure_built(), os.path.dirname(os.path.abspath(__file__))
-    flags = ["--env", "sokoban", "--model", model, "--iterations", str(iterations), "--eval-every", "0",
-             "--eval-tasks", "1", "--eval-samples", "1", "--save-every", "0", "--threads", "1"]
+    flags = profile_run(model, iterations) + ["--threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launchers = {1: [sys.executable], 2: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                           "--master_addr", "127.0.0.1", "--master_port", "29511"]}
@@ -180,8 +185,7 @@ def bench_phases(iterations: int = 10, reps: int = 2, model: str = "", extra: tu
     runs). Returns {contender: {phase: seconds}}."""
     import tiny_base
     model, here = model or tiny_base.ensure_built(), os.path.dirname(os.path.abspath(__file__))
-    flags = ["--env", "sokoban", "--model", model, "--iterations", str(iterations), "--eval-every", "0",
-             "--eval-tasks", "1", "--eval-samples", "1", "--save-every", "0", *extra]
+    flags = profile_run(model, iterations) + list(extra)
     phases = ("rollout", "teacher", "update", "summarize")
     secs = {name: [] for name in PHASE_CONTENDERS}
     with tempfile.TemporaryDirectory() as root:
