@@ -200,8 +200,8 @@ def bench_phases(iterations: int = 10, reps: int = 2, model: str = "", extra: tu
     med = {name: {p: sum(x[p] for x in v) / len(v) for p in phases} for name, v in secs.items()}   # mean of reps
     first = next(iter(med))
     total = {name: sum(m.values()) for name, m in med.items()}
-    print(f"\nCommand: `python bench.py --phases` (CPU, {os.cpu_count()} cores; the default profile: 16 tasks x G=8, 12 turns, "
-          f"Skill-SD; {iterations} iterations, the first dropped; mean of {reps} interleaved runs)\n")
+    print(f"\nCommand: `python bench.py --phases` (CPU, {os.cpu_count()} cores; the default profile: 16 tasks x G=8, "
+          f"12 turns, Skill-SD; {iterations} iterations, the first dropped; mean of {reps} interleaved runs)\n")
     print("| contender | " + " | ".join(f"{p}, s" for p in phases) + " | s / iteration | vs the first |\n|---|"
           + "---:|" * (len(phases) + 2))
     for name, m in med.items():

@@ -703,8 +703,8 @@ def normalisers(cfg: TrainConfig, batch: Batch, rows: list, ranks) -> dict:
 def micro_batch_losses(run: Run, batch: Batch, rows, norms: dict, weights: tuple,
                        grad: bool = True) -> tuple[dict, dict, torch.Tensor]:
     """The loss terms of some rows (grad: with the graph) -> ({name: (weight, loss)}, diagnostics, log π (b, T)).
-    log π is recomputed under the student's prompt; ρ and the PPO ratio divide by the behaviour log-probs (θ_old, or the
-    teacher off-policy)."""
+    log π is recomputed under the student's prompt; ρ and the PPO ratio divide by the behaviour log-probs (θ_old,
+    or the teacher off-policy)."""
     Tm = max(len(batch.ledgers[i].ids) for i in rows)
     with autocast(run):
         logp = model_lib.score_under_prompt(run.scorer, [batch.ledgers[i] for i in rows],
